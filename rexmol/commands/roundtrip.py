@@ -1,0 +1,10 @@
+"""``rexmol roundtrip``: not built yet; see the project's open issues."""
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``rexmol roundtrip``."""
+
+
+def run(args: argparse.Namespace) -> int:
+    raise NotImplementedError("see the open issues")

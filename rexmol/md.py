@@ -1,0 +1,283 @@
+"""Molecular-dynamics data generation with OpenMM: independent replicas, resumable, atomic outputs.
+
+Layout of an output folder (see :mod:`rexmol.mddata` for the reader)::
+
+    topology.pdb                 the system's topology (reference frame)
+    replica_000.xtc              frames every ``frame_interval_ps`` (nm, XTC precision 1e-3 nm)
+    replica_000.state.json       progress: frames written, XTC byte length, current checkpoint file
+    replica_000.f<frames>.chk    OpenMM checkpoint after that many frames (positions, velocities, RNG state)
+    manifest.json                system spec, seeds, lengths, versions, split assignment, command
+
+Each chunk is simulated in memory, its frames appended to the XTC (XTC frames are self-contained records,
+so appending bytes keeps a valid file), a new checkpoint written, and only then the state file replaced
+atomically. On resume the XTC is truncated to the length the state file records and the checkpoint it names
+is loaded: an interruption loses at most the chunk in flight, and the resumed trajectory is the same as an
+uninterrupted one (the checkpoint carries the Langevin integrator's random state).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rexmol.systems import System, load_system
+
+SPLIT_FRACTIONS = (("train", 0.80), ("val", 0.05), ("test", 0.15))
+
+
+@dataclass(frozen=True)
+class MDConfig:
+    """One MD run: ``replicas`` independent trajectories of ``ns`` nanoseconds of production each."""
+
+    system: str
+    ns: float
+    replicas: int
+    seed: int
+    chunk_ps: float = 100.0
+    platform: str = "Reference"
+    split_window_ns: float = 10.0
+
+    def replica_seed(self, replica: int) -> int:
+        """Integrator seed of one replica, derived from the run seed (positive 31-bit int as OpenMM wants)."""
+        return int(np.random.SeedSequence([self.seed, replica]).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software that made an output (recorded in every manifest)."""
+    import mdtraj
+    import openmm
+
+    from rexmol import __version__
+
+    versions = {"rexmol": __version__, "openmm": openmm.__version__, "mdtraj": mdtraj.__version__,
+                "numpy": np.__version__, "python": platform.python_version()}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, mode) as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def make_simulation(system: System, seed: int, platform_name: str):
+    """Context + LangevinMiddleIntegrator for ``system`` as its spec prescribes."""
+    import openmm
+    import openmm.unit as unit
+
+    md = system.md
+    integrator = openmm.LangevinMiddleIntegrator(
+        system.temperature * unit.kelvin, md["friction_per_ps"] / unit.picosecond, md["timestep_fs"] * unit.femtosecond
+    )
+    integrator.setRandomNumberSeed(seed)
+    plat = openmm.Platform.getPlatformByName(platform_name)
+    properties = {"Threads": "1"} if platform_name == "CPU" else {}
+    context = openmm.Context(system.create_openmm_system(), integrator, plat, properties)
+    return context, integrator
+
+
+class Replica:
+    """One resumable trajectory in ``out``: files ``replica_<i>.xtc``, ``.state.json``, ``.f<n>.chk``."""
+
+    def __init__(self, out: Path, index: int) -> None:
+        self.out, self.index = Path(out), index
+        self.xtc = self.out / f"replica_{index:03d}.xtc"
+        self.state_file = self.out / f"replica_{index:03d}.state.json"
+
+    def state(self) -> dict[str, Any]:
+        if self.state_file.is_file():
+            return json.loads(self.state_file.read_text())
+        return {"n_frames": 0, "xtc_bytes": 0, "checkpoint": None}
+
+    def checkpoint_path(self, n_frames: int) -> Path:
+        return self.out / f"replica_{self.index:03d}.f{n_frames:07d}.chk"
+
+    def truncate_to_state(self, state: dict[str, Any]) -> None:
+        """Drop XTC bytes written after the last committed chunk (an interrupted append)."""
+        if self.xtc.exists() and self.xtc.stat().st_size != state["xtc_bytes"]:
+            with open(self.xtc, "r+b") as fh:
+                fh.truncate(state["xtc_bytes"])
+
+    def commit_chunk(self, frames: np.ndarray, times_ps: np.ndarray, checkpoint: bytes, n_frames: int) -> None:
+        """Append ``frames`` [F, N, 3] nm, then checkpoint, then the state file (the commit point)."""
+        from mdtraj.formats import XTCTrajectoryFile
+
+        old = self.state()
+        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+            part = Path(tmp) / "chunk.xtc"
+            with XTCTrajectoryFile(str(part), "w") as fh:
+                fh.write(frames.astype(np.float32), time=times_ps.astype(np.float32))
+            with open(self.xtc, "ab") as dst, open(part, "rb") as src:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+        chk = self.checkpoint_path(n_frames)
+        write_atomic(chk, checkpoint)
+        write_json_atomic(self.state_file, {"n_frames": n_frames, "xtc_bytes": self.xtc.stat().st_size,
+                                            "checkpoint": chk.name})
+        if old["checkpoint"] and old["checkpoint"] != chk.name:
+            (self.out / old["checkpoint"]).unlink(missing_ok=True)
+
+
+def run_replica(config: MDConfig, out: Path, index: int, progress=None) -> dict[str, Any]:
+    """Simulate (or resume) replica ``index`` of ``config`` until it holds its target number of frames."""
+    import openmm
+    import openmm.unit as unit
+
+    system = load_system(config.system)
+    md = system.md
+    steps_per_frame = int(round(md["frame_interval_ps"] * 1000.0 / md["timestep_fs"]))
+    frames_per_chunk = max(1, int(round(config.chunk_ps / md["frame_interval_ps"])))
+    target = int(round(config.ns * 1000.0 / md["frame_interval_ps"]))
+    seed = config.replica_seed(index)
+    replica = Replica(out, index)
+    state = replica.state()
+    replica.truncate_to_state(state)
+    context, integrator = make_simulation(system, seed, config.platform)
+    if state["checkpoint"]:
+        context.loadCheckpoint((out / state["checkpoint"]).read_bytes())
+    else:  # minimise from the reference frame, then equilibrate (not recorded)
+        context.setPositions(system.positions)
+        tol = md.get("minimise_tolerance_kj_per_mol_nm", 10.0)
+        openmm.LocalEnergyMinimizer.minimize(context, tol, 0)
+        context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
+        integrator.step(int(round(md["equilibration_ps"] * 1000.0 / md["timestep_fs"])))
+        context.setTime(0.0)
+    n = state["n_frames"]
+    while n < target:
+        count = min(frames_per_chunk, target - n)
+        frames = np.empty((count, system.n_atoms, 3), dtype=np.float64)
+        t0 = time.perf_counter()
+        for f in range(count):
+            integrator.step(steps_per_frame)
+            frames[f] = context.getState(getPositions=True).getPositions(asNumpy=True)._value
+        if not np.isfinite(frames).all():
+            raise RuntimeError(f"replica {index}: non-finite coordinates after frame {n}: the simulation blew up")
+        times = (n + 1 + np.arange(count)) * md["frame_interval_ps"]
+        replica.commit_chunk(frames, times, context.createCheckpoint(), n + count)
+        n += count
+        if progress is not None:
+            progress.put((index, count, count * steps_per_frame, time.perf_counter() - t0))
+    return {"index": index, "seed": seed, "trajectory": replica.xtc.name, "n_frames": n}
+
+
+def split_blocks(n_frames_per_replica: list[int], window: int) -> dict[str, list[list[int]]]:
+    """Contiguous train/val/test blocks: every ``window`` frames of a replica are cut by ``SPLIT_FRACTIONS``.
+
+    Frames are never interleaved across splits (each block is tens of thousands of consecutive frames), and a
+    frame's split depends only on its index: a run that grows (resume with a larger ``--ns``) keeps every
+    earlier assignment, so a model trained on an early snapshot never sees a later test frame, and a test
+    set exists from the first window on.
+    """
+    splits: dict[str, list[list[int]]] = {name: [] for name, _ in SPLIT_FRACTIONS}
+    edges = np.cumsum([0] + [int(round(frac * window)) for _, frac in SPLIT_FRACTIONS])
+    edges[-1] = window
+    for r, n in enumerate(n_frames_per_replica):
+        for w0 in range(0, n, window):
+            for k, (name, _) in enumerate(SPLIT_FRACTIONS):
+                lo, hi = min(w0 + edges[k], n), min(w0 + edges[k + 1], n)
+                if hi > lo:
+                    splits[name].append([r, int(lo), int(hi)])
+    return splits
+
+
+def write_manifest(config: MDConfig, out: Path, command: str | None = None) -> dict[str, Any]:
+    """(Re)write ``manifest.json`` from the replicas' committed state."""
+    system = load_system(config.system)
+    md = system.md
+    target = int(round(config.ns * 1000.0 / md["frame_interval_ps"]))
+    window = int(round(config.split_window_ns * 1000.0 / md["frame_interval_ps"]))
+    replicas = []
+    for i in range(config.replicas):
+        st = Replica(out, i).state()
+        replicas.append({"index": i, "seed": config.replica_seed(i), "trajectory": f"replica_{i:03d}.xtc",
+                         "n_frames": st["n_frames"], "target_frames": target})
+    manifest = {
+        "system": system.name,
+        "spec": system.spec,
+        "config": asdict(config),
+        "frame_interval_ps": md["frame_interval_ps"],
+        "topology": "topology.pdb",
+        "replicas": replicas,
+        "total_ns": sum(r["n_frames"] for r in replicas) * md["frame_interval_ps"] / 1000.0,
+        "splits": split_blocks([r["n_frames"] for r in replicas], window),
+        "split_fractions": dict(SPLIT_FRACTIONS),
+        "split_window_frames": window,
+        "versions": software_versions(),
+        "command": command or " ".join(sys.argv),
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _replica_worker(args) -> dict[str, Any]:
+    config, out, index, queue = args
+    os.environ.setdefault("OPENMM_CPU_THREADS", "1")
+    return run_replica(config, out, index, queue)
+
+
+def run_md(config: MDConfig, out: Path, workers: int | None = None, quiet: bool = False,
+           command: str | None = None) -> dict[str, Any]:
+    """Run (or resume) all replicas of ``config`` into ``out`` with ``workers`` processes; returns the manifest."""
+    from tqdm import tqdm
+
+    system = load_system(config.system)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = out / "manifest.json"
+    if existing.is_file():
+        old = json.loads(existing.read_text())["config"]
+        if old["system"] != config.system or old["seed"] != config.seed:
+            raise ValueError(f"{out} holds a run of system {old['system']!r} with seed {old['seed']}; "
+                             f"refusing to mix it with system {config.system!r} seed {config.seed}")
+    if not (out / "topology.pdb").is_file():
+        shutil.copyfile(system.pdb_path, out / "topology.pdb")
+    write_manifest(config, out, command)
+    md = system.md
+    target = int(round(config.ns * 1000.0 / md["frame_interval_ps"]))
+    done = sum(min(Replica(out, i).state()["n_frames"], target) for i in range(config.replicas))
+    workers = max(1, min(workers or os.cpu_count() or 1, config.replicas))
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+        bar = tqdm(total=target * config.replicas, initial=done, unit="frame", disable=quiet, dynamic_ncols=True)
+        with ctx.Pool(workers) as pool:
+            pending = pool.map_async(_replica_worker, [(config, out, i, queue) for i in range(config.replicas)])
+            while not pending.ready() or not queue.empty():
+                try:
+                    _, frames, steps, seconds = queue.get(timeout=0.5)
+                except Exception:  # queue.Empty
+                    continue
+                bar.update(frames)
+                ns_day = steps * md["timestep_fs"] * 1e-6 / seconds * 86400.0
+                bar.set_postfix_str(f"{ns_day:.0f} ns/day/replica")
+                write_manifest(config, out, command)
+            pending.get()
+        bar.close()
+    return write_manifest(config, out, command)

@@ -1,0 +1,357 @@
+"""Boltzmann sampler: prior draws -> proposal (solver + log-density) -> OpenMM energies -> log-weights.
+
+A run writes into one folder ``DIR``::
+
+    run.json                 what determines the samples (system, n, batch size, seed, proposal description)
+    batches/b00000.npz       one file per batch, written atomically; a rerun skips batches already present
+    samples.npz              all per-sample arrays, ordered by sample index (written when every batch exists)
+    records.jsonl            the same record, one JSON object per sample
+    samples.dcd + topology.pdb   the proposal's coordinates (nm; not mirrored) for VMD/PyMOL/mdtraj
+    summary.json             counts, ESS, NFE, timings
+
+Per-sample record: ``index, log_q, energy (kT), log_w, nfe, roundtrip_x, roundtrip_logq, energy_failed,
+nonfinite, wrong_chirality, batch``. ``log_w = -energy - log_q``; a sample whose solve, energy or log q is
+not finite has ``nonfinite`` set and gets weight 0 downstream (it is counted, never dropped).
+
+Reproducibility: sample ``i`` starts from standard-normal draws generated from ``(seed, i)`` alone, and batch
+``b`` always holds samples ``[b B, (b + 1) B)``. Batches are dealt round-robin to ranks, so the same seed gives
+the same samples for any number of processes (adaptive step control is shared within a batch, which is why
+the batch — not the rank — is the unit of work).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from rexmol.systems import System
+
+__all__ = [
+    "FORMAT",
+    "ProposalBatch",
+    "Proposal",
+    "standard_normal_draws",
+    "batch_indices",
+    "SampleRun",
+    "sample_batch",
+    "run_rank",
+    "sample",
+    "load_samples",
+]
+
+FORMAT = "rexmol-samples/1"
+RECORD_FIELDS = ("index", "log_q", "energy", "log_w", "nfe", "roundtrip_x", "roundtrip_logq", "energy_failed",
+                 "nonfinite", "wrong_chirality", "batch")
+# Coordinates beyond this many nm are an exploded sample, not a molecule (the energy bridge refuses them).
+EXPLODED_NM = 50.0
+
+
+@dataclass(frozen=True)
+class ProposalBatch:
+    """Output of a proposal on B prior draws: ``x`` [B, N, 3] float64 nm; ``log_q`` [B] (density w.r.t. nm);
+    ``nfe`` [B] model evaluations per sample; ``roundtrip_x`` [B] max |x0 - x0 reconstructed| (prior units) and
+    ``roundtrip_logq`` [B] |log q - log q reconstructed|, NaN when no round trip was run."""
+
+    x: np.ndarray
+    log_q: np.ndarray
+    nfe: np.ndarray
+    roundtrip_x: np.ndarray
+    roundtrip_logq: np.ndarray
+
+
+class Proposal(Protocol):
+    """A generative model with exact log-densities: ``proposal(z)`` maps standard-normal draws z [B, N, 3]
+    (float64) to a :class:`ProposalBatch`. ``description`` is JSON-able and names everything that
+    determines the samples (checkpoint hash, solver, tolerances, trace, dtype); ``system`` the molecule.
+    A batch whose solve hits a non-finite value raises :class:`rexmol.solvers.state.NonFiniteError`."""
+
+    system: System
+    description: dict[str, Any]
+
+    def __call__(self, z: np.ndarray) -> ProposalBatch: ...
+
+
+def standard_normal_draws(seed: int, indices, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard-normal draws [len(indices), *shape] float64; row i depends only on (seed, indices[i])."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return np.stack([np.random.default_rng([seed, int(i)]).standard_normal(shape) for i in indices])
+
+
+def batch_indices(n: int, batch_size: int, b: int) -> np.ndarray:
+    """Sample indices of batch ``b``: ``[b * batch_size, min((b + 1) * batch_size, n))``."""
+    return np.arange(b * batch_size, min((b + 1) * batch_size, n))
+
+
+def _nonfinite_batch(n: int, n_atoms: int) -> ProposalBatch:
+    nan = np.full(n, np.nan)
+    return ProposalBatch(x=np.full((n, n_atoms, 3), np.nan), log_q=nan, nfe=np.zeros(n, np.int64),
+                         roundtrip_x=nan, roundtrip_logq=nan)
+
+
+def _propose(proposal: Proposal, z: np.ndarray) -> ProposalBatch:
+    """``proposal(z)``; if the batch's solve goes non-finite, solve each sample alone and flag those that fail."""
+    from rexmol.solvers.state import NonFiniteError
+
+    try:
+        return proposal(z)
+    except NonFiniteError:
+        if len(z) == 1:
+            return _nonfinite_batch(1, z.shape[1])
+        parts = [_propose(proposal, z[i : i + 1]) for i in range(len(z))]
+        return ProposalBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ProposalBatch.__dataclass_fields__))
+
+
+def sample_batch(proposal: Proposal, energy, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Record of the samples ``indices`` (see module doc) plus ``x`` [B, N, 3] nm; ``energy`` an OpenMMEnergy."""
+    from rexmol.geometry import wrong_handedness
+
+    system = proposal.system
+    z = standard_normal_draws(seed, indices, (system.n_atoms, 3))
+    out = _propose(proposal, z)
+    x = np.asarray(out.x, dtype=np.float64)
+    if x.shape != (len(indices), system.n_atoms, 3):
+        raise ValueError(f"proposal returned x of shape {x.shape}, expected {(len(indices), system.n_atoms, 3)}")
+    finite_x = np.isfinite(x).all(axis=(1, 2))
+    sane = finite_x & (np.abs(np.where(np.isfinite(x), x, 0.0)).max(axis=(1, 2)) <= EXPLODED_NM)
+    e = np.full(len(indices), np.inf)
+    failed = ~sane
+    if sane.any():
+        res = energy.evaluate(x[sane])
+        e[sane], failed[sane] = res.energy, res.failed
+    log_q = np.asarray(out.log_q, dtype=np.float64)
+    log_w = -e - log_q
+    wrong = np.zeros(len(indices), dtype=bool)
+    if finite_x.any():
+        wrong[finite_x] = wrong_handedness(x[finite_x], system).any(axis=1)
+    return {
+        "index": indices.astype(np.int64), "x": x, "log_q": log_q, "energy": e, "log_w": log_w,
+        "nfe": np.asarray(out.nfe, dtype=np.int64), "roundtrip_x": np.asarray(out.roundtrip_x, dtype=np.float64),
+        "roundtrip_logq": np.asarray(out.roundtrip_logq, dtype=np.float64), "energy_failed": failed,
+        "nonfinite": ~np.isfinite(log_w), "wrong_chirality": wrong,
+    }
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class SampleRun:
+    """The folder of one sampling run: config check on reopen, atomic batch files, final outputs."""
+
+    def __init__(self, out: str | os.PathLike, config: dict[str, Any]):
+        self.out = Path(out)
+        self.config = config
+        self.n, self.batch_size = int(config["n"]), int(config["batch_size"])
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch size >= 1, got n={self.n}, batch size={self.batch_size}")
+        self.n_batches = -(-self.n // self.batch_size)
+
+    @property
+    def batch_dir(self) -> Path:
+        return self.out / "batches"
+
+    def batch_path(self, b: int) -> Path:
+        return self.batch_dir / f"b{b:05d}.npz"
+
+    def open(self) -> None:
+        """Create the folder, or check that the run stored there has this exact config (else ValueError)."""
+        from rexmol.report import write_json
+
+        self.batch_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            new = json.loads(json.dumps(self.config))
+            if old != new:
+                keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise ValueError(f"{self.out} holds a different sampling run (differs in {', '.join(keys)}); "
+                                 "use another --out or the original settings to resume")
+        else:
+            write_json(path, self.config)
+
+    def missing(self) -> list[int]:
+        return [b for b in range(self.n_batches) if not self.batch_path(b).is_file()]
+
+    def n_done(self) -> int:
+        return sum(len(batch_indices(self.n, self.batch_size, b)) for b in range(self.n_batches)
+                   if self.batch_path(b).is_file())
+
+    def write_batch(self, b: int, record: dict[str, np.ndarray], seconds: float) -> None:
+        _write_npz_atomic(self.batch_path(b), {**record, "seconds": np.float64(seconds)})
+
+    def finalize(self, system: System) -> dict[str, Any]:
+        """Merge the batches into samples.npz, records.jsonl, samples.dcd + topology.pdb and summary.json."""
+        import mdtraj
+
+        from rexmol.report import write_json
+        from rexmol.weights import snis
+
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"{self.out}: {len(missing)} of {self.n_batches} batches missing; rerun to resume")
+        parts, seconds = [], 0.0
+        for b in range(self.n_batches):
+            with np.load(self.batch_path(b)) as f:
+                part = {k: f[k] for k in f.files if k != "seconds"}
+                seconds += float(f["seconds"])
+            part["batch"] = np.full(len(part["index"]), b, dtype=np.int64)
+            parts.append(part)
+        data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if not np.array_equal(data["index"], np.arange(self.n)):
+            raise ValueError(f"{self.out}: batch files do not hold samples 0..{self.n - 1} in order")
+        _write_npz_atomic(self.out / "samples.npz", data)
+        tmp = self.out / f".records.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            for i in range(self.n):
+                rec = {k: data[k][i].item() for k in RECORD_FIELDS}
+                fh.write(json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                     for k, v in rec.items()}) + "\n")
+        os.replace(tmp, self.out / "records.jsonl")
+        traj = mdtraj.Trajectory(data["x"].astype(np.float32), system.mdtraj_topology)
+        tmp = self.out / f".samples.{os.getpid()}.dcd"
+        traj.save_dcd(str(tmp))
+        os.replace(tmp, self.out / "samples.dcd")
+        traj[:1].save_pdb(str(self.out / "topology.pdb"))
+        w = snis(data["log_w"])
+        summary = {
+            "n": self.n, "system": system.name, "proposal": self.config.get("proposal"),
+            "ess": w.ess, "ess_abs": w.ess_abs, "n_nonfinite": w.n_nonfinite,
+            "n_energy_failed": int(data["energy_failed"].sum()),
+            "n_wrong_chirality": int(data["wrong_chirality"].sum()),
+            "nfe_mean": float(data["nfe"].mean()), "seconds": seconds, "s_per_sample": seconds / self.n,
+            "roundtrip_x_max": _nanmax(data["roundtrip_x"]), "roundtrip_logq_max": _nanmax(data["roundtrip_logq"]),
+        }
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def _nanmax(a: np.ndarray) -> float | None:
+    return float(np.nanmax(a)) if np.isfinite(a).any() else None
+
+
+def run_config(proposal: Proposal, n: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """The run.json content: everything that determines the samples of a run."""
+    return {"format": FORMAT, "system": proposal.system.name, "n_atoms": proposal.system.n_atoms, "n": n,
+            "batch_size": batch_size, "seed": seed, "proposal": proposal.description}
+
+
+def run_rank(proposal: Proposal, out, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+             quiet: bool = False, stop_after: int | None = None) -> None:
+    """Compute this rank's missing batches (b % world == rank) into ``out``; rank 0 shows a progress bar.
+
+    ``stop_after``: return after that many batches (simulates an interruption in tests).
+    """
+    from tqdm import tqdm
+
+    from rexmol.energy import OpenMMEnergy
+
+    run = SampleRun(out, run_config(proposal, n, batch_size, seed))
+    if rank == 0:
+        run.open()
+    mine = [b for b in run.missing() if b % world == rank]
+    bar = tqdm(total=n, initial=run.n_done(), unit="sample", disable=quiet or rank != 0, dynamic_ncols=True,
+               desc=str(proposal.description.get("solver", "sample")))
+    with OpenMMEnergy(proposal.system) as energy:
+        for k, b in enumerate(mine):
+            if stop_after is not None and k >= stop_after:
+                break
+            t0 = time.perf_counter()
+            record = sample_batch(proposal, energy, seed, batch_indices(n, batch_size, b))
+            run.write_batch(b, record, time.perf_counter() - t0)
+            bar.update(run.n_done() - bar.n)
+    bar.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, make_proposal: Callable[[], Proposal], out, n: int,
+               batch_size: int, seed: int, quiet: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        proposal = make_proposal()
+        if rank == 0:
+            SampleRun(out, run_config(proposal, n, batch_size, seed)).open()
+        dist.barrier()
+        run_rank(proposal, out, n, batch_size, seed, rank, world, quiet)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def sample(make_proposal: Callable[[], Proposal], out, n: int, batch_size: int, seed: int,
+           processes: int = 1, quiet: bool = False) -> dict[str, Any]:
+    """Sample ``n`` molecules into ``out`` (resuming what is there) and write the final outputs; returns summary.
+
+    ``make_proposal`` builds the proposal (called once per process; must be picklable for ``processes > 1``).
+    With ``processes > 1`` local worker processes (torch.distributed, gloo) share the batches; under
+    ``torchrun`` (``WORLD_SIZE`` set) each launched rank calls this with its own ``RANK``.
+    """
+    import torch.distributed as dist
+
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo", init_method="env://")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        proposal = make_proposal()
+        if rank == 0:
+            SampleRun(out, run_config(proposal, n, batch_size, seed)).open()
+        dist.barrier()
+        run_rank(proposal, out, n, batch_size, seed, rank, world, quiet)
+        dist.barrier()
+        summary = SampleRun(out, run_config(proposal, n, batch_size, seed)).finalize(proposal.system) \
+            if rank == 0 else {}
+        dist.barrier()
+        dist.destroy_process_group()
+        return summary
+    if processes > 1:
+        import torch.multiprocessing as tmp
+
+        tmp.spawn(_rank_main, args=(processes, _free_port(), make_proposal, out, n, batch_size, seed, quiet),
+                  nprocs=processes, join=True)
+        proposal = make_proposal()
+    else:
+        proposal = make_proposal()
+        run_rank(proposal, out, n, batch_size, seed, quiet=quiet)
+    return SampleRun(out, run_config(proposal, n, batch_size, seed)).finalize(proposal.system)
+
+
+def load_samples(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(run config, per-sample arrays)`` of a finished sample folder; clear errors for empty/unfinished ones."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"sample folder {path} does not exist")
+    if not (path / "run.json").is_file():
+        raise ValueError(f"{path} is not a rexmol sample folder (no run.json); make one with `rexmol sample`")
+    config = json.loads((path / "run.json").read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}/run.json has format {config.get('format')!r}, expected {FORMAT!r}")
+    if not (path / "samples.npz").is_file():
+        run = SampleRun(path, config)
+        raise ValueError(f"{path}: sampling unfinished ({run.n_done()} of {run.n} samples); rerun `rexmol sample` "
+                         "with the same options to resume")
+    with np.load(path / "samples.npz") as f:
+        data = {k: f[k] for k in f.files}
+    if len(data["index"]) == 0:
+        raise ValueError(f"{path}: no samples")
+    return config, data

@@ -1,0 +1,77 @@
+"""Fixed time grids, precomputed once in float64 (Python floats), in either direction of t."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from rexmol.solvers.lawson import LawsonCoordinates
+
+
+@dataclass(frozen=True)
+class FixedGrid:
+    """Strictly monotone times t_0, ..., t_N (t increasing: noise -> data; decreasing: data -> noise)."""
+
+    times: tuple[float, ...]
+
+    def __init__(self, times: Sequence[float]):
+        ts = tuple(float(t) for t in times)
+        if len(ts) < 2:
+            raise ValueError(f"a grid needs at least 2 times, got {len(ts)}")
+        if not all(math.isfinite(t) for t in ts):
+            raise ValueError(f"grid times must be finite, got {ts}")
+        diffs = [b - a for a, b in zip(ts, ts[1:])]
+        if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+            raise ValueError("grid times must be strictly increasing or strictly decreasing")
+        object.__setattr__(self, "times", ts)
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    def reversed(self) -> "FixedGrid":
+        return FixedGrid(self.times[::-1])
+
+    def check(self, coords: LawsonCoordinates) -> None:
+        """ValueError if any time is outside [0, 1] or singular for ``coords``."""
+        for t in self.times:
+            coords.check_time(t)
+
+    @classmethod
+    def uniform_t(cls, t0: float, t1: float, steps: int) -> "FixedGrid":
+        """``steps`` equal steps in t."""
+        n = _check_steps(steps)
+        t0, t1 = float(t0), float(t1)
+        return cls([t0] + [t0 + (t1 - t0) * i / n for i in range(1, n)] + [t1])
+
+    @classmethod
+    def uniform_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
+        """``steps`` equal steps in varsigma(t) of ``coords`` (ends exactly t0, t1)."""
+        n = _check_steps(steps)
+        coords.check_time(t0)
+        coords.check_time(t1)
+        s0, s1 = float(coords.varsigma(float(t0))), float(coords.varsigma(float(t1)))
+        inner = [float(coords.t_of_varsigma(s0 + (s1 - s0) * i / n)) for i in range(1, n)]
+        return cls([float(t0)] + inner + [float(t1)])
+
+    @classmethod
+    def uniform_log_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
+        """``steps`` equal steps in log varsigma between clipped ends (varsigma must be > 0 at both)."""
+        n = _check_steps(steps)
+        coords.check_time(t0)
+        coords.check_time(t1)
+        s0, s1 = float(coords.varsigma(float(t0))), float(coords.varsigma(float(t1)))
+        if s0 <= 0 or s1 <= 0:
+            raise ValueError(
+                f"log-varsigma grid needs varsigma > 0 at both ends (got {s0} at t={t0}, {s1} at t={t1}); "
+                "clip the end, e.g. start at t = 1e-3 instead of 0"
+            )
+        l0, l1 = math.log(s0), math.log(s1)
+        inner = [float(coords.t_of_varsigma(math.exp(l0 + (l1 - l0) * i / n))) for i in range(1, n)]
+        return cls([float(t0)] + inner + [float(t1)])
+
+
+def _check_steps(steps: int) -> int:
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"number of steps must be a positive integer, got {steps!r}")
+    return int(steps)

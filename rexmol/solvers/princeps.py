@@ -1,0 +1,140 @@
+"""Princeps: the exponential (Lawson) explicit RK increment Psi for any tableau (DESIGN.md §2).
+
+Psi_h(t_n, x) is one RK step of the y-ODE dy/dvarsigma = F(t, w y) with h = varsigma(t_to) - varsigma(t_from):
+Z_i = x / w_n + h sum_j a_ij k_j, k_i = F(t(varsigma_n + c_i h), w(.) Z_i), Psi = h sum_i b_i k_i,
+done per state component (components of weight kind "one" use w = 1). Calling it with t_to < t_from in a
+forward-in-t solve is the Psi_{-h} call of the same step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rexmol.solvers.dynamics import Dynamics
+from rexmol.solvers.state import State, check_derivative
+from rexmol.solvers.tableaus import Tableau
+
+
+@dataclass
+class Increment:
+    """Result of one Psi call. ``increment``/``error`` are in y-space (divide-by-weight coordinates);
+    ``first_stage`` is k_1 (reusable after a rejected step), ``last_stage`` the FSAL stage when computed."""
+
+    increment: State
+    error: State | None
+    nfe: int
+    first_stage: State
+    last_stage: State | None = None
+
+
+def _combine(base: State | None, coeffs: list[float], stages: list[State]) -> State:
+    """base + sum_j coeffs_j stages_j per component (zero coefficients skipped; they add exactly nothing)."""
+    out = list(base) if base is not None else None
+    for coef, k in zip(coeffs, stages):
+        if coef == 0.0:
+            continue
+        if out is None:
+            out = [ki * coef for ki in k]
+        else:
+            out = [o.add(ki, alpha=coef) for o, ki in zip(out, k)]
+    if out is None:  # every coefficient zero
+        out = [ki * 0.0 for ki in stages[0]]
+    return tuple(out)
+
+
+class Princeps:
+    """Psi for ``tableau`` over ``dynamics``: ``psi(t_from, t_to, state, first_stage=None, with_error=False)``."""
+
+    def __init__(self, tableau: Tableau, dynamics: Dynamics):
+        self.tableau, self.dynamics = tableau, dynamics
+        self.coords, self.kinds = dynamics.coords, tuple(dynamics.kinds)
+
+    def __repr__(self) -> str:
+        return f"Princeps({self.tableau.name}, {self.coords!r})"
+
+    @property
+    def error_order(self) -> int | None:
+        return self.tableau.error_order
+
+    def component_weights(self, t: float) -> tuple[float, ...]:
+        """w(t) for components of kind "x", 1.0 for kind "one"."""
+        w = float(self.coords.weight(t))
+        return tuple(w if k == "x" else 1.0 for k in self.kinds)
+
+    def evaluate(self, t: float, state: State) -> State:
+        """One checked dynamics evaluation (shapes, finiteness)."""
+        deriv = tuple(self.dynamics(t, state))
+        check_derivative(state, deriv, t)
+        return deriv
+
+    def __call__(
+        self, t_from: float, t_to: float, state: State, first_stage: State | None = None, with_error: bool = False
+    ) -> Increment:
+        tab, co = self.tableau, self.coords
+        want_error = with_error and tab.b_err_f is not None
+        n_stages = tab.stages if want_error else tab.solution_stages
+        s0 = float(co.varsigma(t_from))
+        h = float(co.varsigma(t_to)) - s0
+        w0 = self.component_weights(t_from)
+        y0 = tuple(x if w == 1.0 else x / w for x, w in zip(state, w0))
+        stages: list[State] = []
+        nfe = 0
+        for i in range(n_stages):
+            if i == 0:
+                if first_stage is not None:
+                    stages.append(tuple(first_stage))
+                    continue
+                ti, xi = t_from, state
+            else:
+                ci = tab.c_f[i]
+                ti = t_to if ci == 1.0 else float(co.t_of_varsigma(s0 + ci * h))
+                zi = _combine(y0, [h * a for a in tab.a_f[i]], stages)
+                wi = self.component_weights(ti)
+                xi = tuple(z if w == 1.0 else z * w for z, w in zip(zi, wi))
+            stages.append(self.evaluate(ti, xi))
+            nfe += 1
+        inc = _combine(None, [h * b for b in tab.b_f[:n_stages]], stages)
+        err = _combine(None, [h * b for b in tab.b_err_f], stages) if want_error else None
+        last = stages[-1] if want_error and tab.fsal else None
+        return Increment(increment=inc, error=err, nfe=nfe, first_stage=stages[0], last_stage=last)
+
+
+def scale_by(values: State, weights: tuple[float, ...]) -> State:
+    """Component-wise ``values_i * weights_i`` (a weight of 1.0 returns the tensor itself)."""
+    return tuple(v if w == 1.0 else v * w for v, w in zip(values, weights))
+
+
+class PrincepsSolver:
+    """The non-reversible exponential RK solver: x_{n+1} = (w_{n+1}/w_n) x_n + w_{n+1} Psi_h(t_n, x_n).
+
+    With velocity coordinates this is plain RK in t. Its carry is ``(state, None)``; its "inverse" integrates
+    backward in time with the same method.
+    """
+
+    reversible = False
+    uses_fsal = True
+
+    def __init__(self, psi: Princeps):
+        self.psi = psi
+
+    def __repr__(self) -> str:
+        return f"PrincepsSolver({self.psi!r})"
+
+    def start(self, state: State) -> tuple[State, None]:
+        return state, None
+
+    def first_psi(self, t0: float, t1: float, carry, first_stage: State | None = None, with_error: bool = False):
+        return self.psi(t0, t1, carry[0], first_stage=first_stage, with_error=with_error)
+
+    def candidate(self, t0: float, t1: float, carry, inc: Increment) -> State:
+        w0, w1 = self.psi.component_weights(t0), self.psi.component_weights(t1)
+        return tuple(
+            x + d if b == 1.0 and a == 1.0 else x * (b / a) + d * b
+            for x, d, a, b in zip(carry[0], inc.increment, w0, w1)
+        )
+
+    def complete(self, t0: float, t1: float, carry, inc: Increment, x1: State) -> tuple[tuple[State, None], int]:
+        return (x1, None), 0
+
+    def step(self, t0: float, t1: float, carry) -> tuple[tuple[State, None], int]:
+        inc = self.first_psi(t0, t1, carry)
+        return (self.candidate(t0, t1, carry, inc), None), inc.nfe
