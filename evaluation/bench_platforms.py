@@ -2,7 +2,8 @@
 
 For each system and each (platform, nonbonded method): MD steps/s of the spec's Langevin integrator and
 single-point energy evaluations/s (setPositions + getState), each the median of ``--repeats`` interleaved
-rounds (the machine is shared: interleaving spreads background load evenly over the variants). One thread.
+rounds, per second of this process's CPU time (the machine is shared: wall time would measure the other jobs;
+interleaving spreads what remains evenly over the variants). One thread (CPU platform: Threads=1).
 
     nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python evaluation/bench_platforms.py --systems ala3 ala3-sbg
 """
@@ -43,17 +44,19 @@ def make(system, platform: str):
 
 
 def steps_per_s(integrator, steps: int) -> float:
-    t = time.perf_counter()
+    """MD steps per CPU-second."""
+    t = time.process_time()
     integrator.step(steps)
-    return steps / (time.perf_counter() - t)
+    return steps / (time.process_time() - t)
 
 
 def evals_per_s(context, frames: np.ndarray) -> float:
-    t = time.perf_counter()
+    """Single-point energies per CPU-second."""
+    t = time.process_time()
     for x in frames:
         context.setPositions(x)
         context.getState(getEnergy=True).getPotentialEnergy()
-    return len(frames) / (time.perf_counter() - t)
+    return len(frames) / (time.process_time() - t)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
-    print(f"{'system':10s} {'platform':10s} {'nonbonded':18s} {'MD steps/s':>11s} {'energies/s':>11s}  E(ref frame) kJ/mol")
+    print(f"{'system':10s} {'platform':10s} {'nonbonded':18s} {'steps/CPU-s':>11s} {'E/CPU-s':>11s}  E(ref frame) kJ/mol")
     for name in args.systems:
         base = load_system(name)
         frames = base.positions[None] + 0.005 * rng.standard_normal((args.frames, base.n_atoms, 3))

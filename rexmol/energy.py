@@ -9,8 +9,8 @@ non-finite energy, or an OpenMM exception is *failed*: its energy is +inf (weigh
 with its own context; both paths run the same per-sample code and give identical numbers. It also offers the
 bgflow-style ``energy(x) -> [B, 1]`` and ``force(x) -> [B, N, 3]`` in kT, returning torch when given torch.
 
-Platform: ``"Reference"`` by default (for these 22-33 atom implicit-solvent systems it is the fastest CPU
-platform, measured in ``evaluation/bench_energy.py``), ``"CUDA"`` when ``"auto"`` finds a GPU.
+Platform: ``"Reference"`` by default (for these 22-33 atom implicit-solvent systems the fastest or equal CPU
+platform, measured by ``evaluation/bench_platforms.py``), ``"CUDA"`` when ``"auto"`` finds a GPU.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ class OpenMMEnergy:
                 initargs=(xml, self.platform),
             )
             atexit.register(self.close)
-        chunks = np.array_split(xyz, min(self.workers, xyz.shape[0]))
+        chunks = np.array_split(xyz, min(4 * self.workers, xyz.shape[0]))  # a few per worker: load balance
         try:
             parts = list(self._pool.map(_worker_evaluate, chunks, [forces] * len(chunks)))
         except BrokenProcessPool as err:

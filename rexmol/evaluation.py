@@ -87,7 +87,7 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
                  seed: int = 0, where: str = "sample folder") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of one sample run against ``reference``: ``(row for the report, arrays for the plots)``."""
     from rexmol.geometry import backbone_dihedrals, fix_chirality
-    from rexmol.metrics import basin_populations, energy_w2, residue_pairs, torus_w2
+    from rexmol.metrics import basin_populations, energy_w2, torus_w2
     from rexmol.weights import resample, snis
 
     system = reference.system
@@ -131,11 +131,8 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
         "roundtrip_logq_max": _nanstat(np.nanmax, data["roundtrip_logq"]),
         "sampling": {k: config[k] for k in ("seed", "batch_size") if k in config} | {"proposal": config.get("proposal")},
     }
-    names = _dihedral_names(system)
     basins = {}
-    for i, j in residue_pairs(system.dihedrals):
-        a, b = names.index(f"phi{i + 1}"), names.index(f"psi{j + 1}")
-        key = f"phi{i + 1}/psi{j + 1}"
+    for key, a, b in _residue_columns(system):
         basins[key] = {
             "md": _pops(basin_populations(reference.angles[:, a], reference.angles[:, b])),
             "proposal": _pops(basin_populations(angles[finite_x, a], angles[finite_x, b])),
@@ -147,10 +144,18 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
     return row, arrays
 
 
-def _dihedral_names(system: System) -> list[str]:
+def _residue_columns(system: System) -> list[tuple[str, int, int]]:
+    """(label "phiK/psiK", phi column, psi column) in the dihedral array for each residue with both angles."""
     from rexmol.geometry import dihedral_names
+    from rexmol.metrics import residue_pairs
 
-    return dihedral_names(system)
+    names = dihedral_names(system)
+    offset, start = {}, 0
+    for kind, quads in system.dihedrals.items():
+        offset[kind] = start
+        start += len(quads)
+    cols = [(offset["phi"] + i, offset["psi"] + j) for i, j in residue_pairs(system.dihedrals)]
+    return [(f"{names[a]}/{names[b]}", a, b) for a, b in cols]
 
 
 def _pops(pops) -> dict[str, dict[str, float]]:
@@ -164,7 +169,6 @@ def _nanstat(fn, a: np.ndarray) -> float | None:
 def write_report(out, rows: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]], reference: Reference,
                  published: dict | None, extra: dict[str, Any] | None = None) -> str:
     """Write report.json, report.md and the PNG plots into ``out``; returns the Markdown text."""
-    from rexmol.metrics import residue_pairs
     from rexmol.report import (markdown_table, plot_energy_histograms, plot_log_weights, plot_ramachandran,
                                plot_roundtrip, write_json)
 
@@ -172,16 +176,14 @@ def write_report(out, rows: list[dict[str, Any]], arrays: list[dict[str, np.ndar
     out.mkdir(parents=True, exist_ok=True)
     system = reference.system
     labels = [f"{r['model']} {r['solver']}" for r in rows]
-    names = _dihedral_names(system)
     plots = []
-    for i, j in residue_pairs(system.dihedrals):
-        a, b = names.index(f"phi{i + 1}"), names.index(f"psi{j + 1}")
+    for key, a, b in _residue_columns(system):
         panels = [("MD", reference.angles[:, a], reference.angles[:, b], None)]
         for label, arr in zip(labels, arrays):
             panels.append((f"{label}\nproposal", arr["angles"][:, a], arr["angles"][:, b], None))
             panels.append((f"{label}\nreweighted", arr["angles"][:, a], arr["angles"][:, b], arr["weights"]))
-        name = f"ramachandran_phi{i + 1}_psi{j + 1}.png"
-        plot_ramachandran(out / name, panels, title=f"{system.name}: phi{i + 1} / psi{j + 1}")
+        name = f"ramachandran_{key.replace('/', '_')}.png"
+        plot_ramachandran(out / name, panels, title=f"{system.name}: {key}")
         plots.append(name)
     energy_runs = []
     for label, arr in zip(labels, arrays):

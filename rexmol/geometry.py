@@ -19,13 +19,8 @@ if TYPE_CHECKING:
 
 def as_numpy_coordinates(x: Any, n_atoms: int) -> np.ndarray:
     """``x`` ([B, N, 3] or [B, 3N], torch or numpy) as a float64 numpy array [B, N, 3]; ValueError on bad shape."""
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().to(torch.float64).numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if hasattr(x, "detach"):  # torch tensor (without importing torch for numpy callers)
+        x = x.detach().cpu().double().numpy()
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 2 and x.shape[1] == 3 * n_atoms:
         x = x.reshape(x.shape[0], n_atoms, 3)

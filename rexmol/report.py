@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_PUBLISHED",
+    "jsonable",
     "load_published",
     "write_json",
     "markdown_table",
@@ -47,13 +48,13 @@ def load_published(path: str | os.PathLike = DEFAULT_PUBLISHED) -> dict:
     return table
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -69,7 +70,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        json.dump(_jsonable(obj), fh, indent=2, allow_nan=False)
+        json.dump(jsonable(obj), fh, indent=2, allow_nan=False)
         fh.write("\n")
     os.replace(tmp, path)
 

@@ -157,7 +157,9 @@ class AtomDiT(nn.Module):
         self.register_buffer("hops", torch.as_tensor(graph_distances(n_atoms, bonds, config.max_hops)))
         self.hop_bias = nn.Parameter(torch.zeros(config.max_hops + 1, n_bias)) if config.graph_bias else None
         if config.distance_bias:
-            self.register_buffer("rbf_centres", torch.linspace(0.0, config.rbf_max, config.n_rbf))
+            width = config.rbf_max / (config.n_rbf - 1) if config.n_rbf > 1 else config.rbf_max
+            self.rbf_inv_width = 1.0 / width
+            self.register_buffer("rbf_centres", torch.linspace(0.0, config.rbf_max, config.n_rbf) / width)
             self.rbf_bias = nn.Linear(config.n_rbf, n_bias)
             nn.init.zeros_(self.rbf_bias.weight)
             nn.init.zeros_(self.rbf_bias.bias)
@@ -185,8 +187,8 @@ class AtomDiT(nn.Module):
         if self.rbf_bias is not None:
             diff = x[:, :, None, :] - x[:, None, :, :]
             dist = torch.sqrt((diff * diff).sum(-1) + 1e-6)  # [B, N, N]
-            width = cfg.rbf_max / (cfg.n_rbf - 1) if cfg.n_rbf > 1 else 1.0
-            rbf = torch.exp(-(((dist[..., None] - self.rbf_centres) / width) ** 2))
+            z = dist[..., None] * self.rbf_inv_width - self.rbf_centres  # centres in units of the width
+            rbf = torch.exp(-(z * z))
             bias = bias + self.rbf_bias(rbf)
         return bias.reshape(bias.shape[0], n, n, cfg.depth, cfg.heads).permute(0, 3, 4, 1, 2)
 

@@ -37,6 +37,18 @@ class GaussianFlow:
         """t m, broadcast like x [B, *shape]."""
         return self._t(t, x) * self.mean.to(x)
 
+    def log_density(self, x: Tensor, t: float, dim: int | None = None) -> Tensor:
+        """Closed-form log q_t(x) of the marginal N(t m, S_t^2 I) for x [B, *shape] -> [B].
+
+        ``dim``: dimension of the support (default prod(shape)); for a mean-free prior the data and every
+        marginal live on the centred subspace (mean m centred), dim = (N - 1) * 3, and the density is w.r.t. that
+        subspace's Lebesgue measure, as in :class:`rexmol.likelihood.priors.MeanFreeGaussian`.
+        """
+        k = x[0].numel() if dim is None else int(dim)
+        var = self.marginal_std(float(t)) ** 2
+        sq = (x - self.marginal_mean(float(t), x)).reshape(x.shape[0], -1).square().sum(-1)
+        return -0.5 * sq / var - 0.5 * k * math.log(2 * math.pi * var)
+
     def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
         tt = self._t(t, x)
         s2 = self.std**2

@@ -25,7 +25,7 @@ Memory: only an LRU cache of at most ``cache_size`` nodes (plus the root) is hel
 queries; evicted nodes are recomputed bit-identically from their ancestors.
 
 Conventions: H_{s,t} = (1/h) int_s^t (W_{s,r} - (r - s)/h W_{s,t}) dr in clock time r, h = clock(t) - clock(s),
-so W ~ N(0, h) and H ~ N(0, h/12), independent. Values are computed in float64 on the CPU and cast on output.
+so W ~ N(0, h) and H ~ N(0, h/12), independent. Values are computed in float64 with NumPy on the CPU and cast on output.
 """
 from __future__ import annotations
 
@@ -36,20 +36,35 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_SEED_SALT = np.uint64(0x5851F42D4C957F2D)
+_MASK64 = (1 << 64) - 1
+_GOLDEN_INT = 0x9E3779B97F4A7C15
+_MIX1_INT, _MIX2_INT = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SEED_SALT = 0x5851F42D4C957F2D
+_GOLDEN = np.uint64(_GOLDEN_INT)
+_MIX1, _MIX2 = np.uint64(_MIX1_INT), np.uint64(_MIX2_INT)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _TWO_POW_M53 = 2.0**-53
 _RSQRT3 = 1.0 / math.sqrt(3.0)
 _RECENT = 4  # interval answers remembered
 
 
+def _mix64_int(z: int) -> int:
+    """SplitMix64 finaliser of one 64-bit integer."""
+    z = ((z ^ (z >> 30)) * _MIX1_INT) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2_INT) & _MASK64
+    return z ^ (z >> 31)
+
+
 def _mix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser on a uint64 array (arithmetic modulo 2^64)."""
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def node_key(seed: int, node: int) -> int:
+    """64-bit stream key of one tree node for one seed."""
+    return _mix64_int((_mix64_int(seed ^ _SEED_SALT) + _mix64_int((node + _GOLDEN_INT) & _MASK64)) & _MASK64)
 
 
 def counter_lanes(counters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,23 +74,21 @@ def counter_lanes(counters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (k + np.uint64(1)) * _GOLDEN, (k + np.uint64(2)) * _GOLDEN
 
 
-def standard_normal_pair(seed: int, node: int, lanes: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent standard-normal float64 tensors keyed on (seed, node, counter).
+def standard_normal_pair(keys: list[int], lanes: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent standard-normal float64 arrays of shape ``(len(keys), *lanes[0].shape)``.
 
-    Counter-based: the k-th 64-bit word is SplitMix64's output at state hash(seed, node) + k * golden
-    (``lanes`` from ``counter_lanes``), two words per counter turned into two normals by Box-Muller with
-    53-bit uniforms. No generator state: any (seed, node, counter) can be drawn on its own.
+    Counter-based: word k of stream ``key`` (see ``node_key``) is SplitMix64's output at state
+    key + k * golden (``lanes`` from ``counter_lanes``), two words per counter turned into two normals by
+    Box-Muller with 53-bit uniforms. No generator state: any (seed, node, counter) can be drawn on its own.
     """
+    key = np.array(keys, dtype=np.uint64).reshape((-1,) + (1,) * lanes[0].ndim)
     with np.errstate(over="ignore"):
-        key = _mix64(np.array([seed], dtype=np.uint64) ^ _SEED_SALT)
-        key = _mix64(key + _mix64(np.array([node], dtype=np.uint64) + _GOLDEN))
         x1 = _mix64(lanes[0] + key)
         x2 = _mix64(lanes[1] + key)
-    u1 = torch.from_numpy((x1 >> np.uint64(11)).astype(np.float64))
-    u2 = torch.from_numpy((x2 >> np.uint64(11)).astype(np.float64))
-    radius = torch.sqrt(-2.0 * torch.log((u1 + 0.5) * _TWO_POW_M53))  # uniform in (0, 1): log is finite
-    theta = (2.0 * math.pi * _TWO_POW_M53) * u2
-    return radius * torch.cos(theta), radius * torch.sin(theta)
+    u1 = ((x1 >> _S11).astype(np.float64) + 0.5) * _TWO_POW_M53  # in (0, 1): log is finite
+    theta = (2.0 * math.pi * _TWO_POW_M53) * (x2 >> _S11).astype(np.float64)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    return radius * np.cos(theta), radius * np.sin(theta)
 
 
 class BrownianIncrement(NamedTuple):
@@ -86,10 +99,10 @@ class BrownianIncrement(NamedTuple):
 
 
 class _Piece(NamedTuple):
-    """(W, H) over an interval of Brownian duration ``h`` (float64 CPU tensors)."""
+    """(W, H) over an interval of Brownian duration ``h`` (float64 arrays)."""
 
-    W: torch.Tensor
-    H: torch.Tensor
+    W: np.ndarray
+    H: np.ndarray
     h: float
 
 
@@ -104,7 +117,7 @@ def _join(left: _Piece, right: _Piece) -> _Piece:
     return _Piece(left.W + right.W, H, h)
 
 
-def _split(parent: _Piece, h1: float, h2: float, x1: torch.Tensor, x2: torch.Tensor) -> tuple[_Piece, _Piece]:
+def _split(parent: _Piece, h1: float, h2: float, x1: np.ndarray, x2: np.ndarray) -> tuple[_Piece, _Piece]:
     """Exact Brownian-bridge draw of (W, H) on two sub-intervals of durations h1, h2 given the parent's.
 
     ``x1``, ``x2`` are independent standard normals. The children are independent of each other, with
@@ -112,9 +125,9 @@ def _split(parent: _Piece, h1: float, h2: float, x1: torch.Tensor, x2: torch.Ten
     """
     W, H = parent.W, parent.H
     if h1 <= 0.0:
-        return _Piece(torch.zeros_like(W), torch.zeros_like(H), 0.0), _Piece(W, H, h2)
+        return _Piece(np.zeros_like(W), np.zeros_like(H), 0.0), _Piece(W, H, h2)
     if h2 <= 0.0:
-        return _Piece(W, H, h1), _Piece(torch.zeros_like(W), torch.zeros_like(H), 0.0)
+        return _Piece(W, H, h1), _Piece(np.zeros_like(W), np.zeros_like(H), 0.0)
     h = h1 + h2
     v = 0.5 * math.sqrt(h1 * h2 / (h1**3 + h2**3))
     a = v * h1 * h1 / h
@@ -134,15 +147,16 @@ class BrownianTree:
         seed: non-negative integer; the whole path (every sample) is a function of it.
         t0, t1: tree-time interval (t0 < t1); queries must lie inside it.
         shape: shape of W and H, ``(n_samples, *event_shape)``; row i is the independent path of sample
-            ``sample_offset + i``, identical whatever the batch it is drawn in.
+            ``sample_offset + i``, the same whatever batch it is drawn in (to round-off).
         clock: strictly increasing map from tree time to Brownian time (default identity). The increment
             over [s, t] has variance ``clock(t) - clock(s)``; the tree splits at tree-time midpoints, so put
             the solver's time here and the SDE's Brownian time in ``clock``.
         max_depth: depth of the finest dyadic level (1..52); points off the dyadic grid are resolved to a
-            leaf of width ``(t1 - t0) / 2**max_depth``.
-        cache_size: most nodes kept (LRU); default ``4 * max_depth + 8`` keeps a step's path to the root.
+            leaf of width ``(t1 - t0) / 2**max_depth``. Dyadic points are t0 + (t1 - t0) * k / 2**level
+            computed in that order (as ``FixedGrid.uniform_t`` does); a query within 4 ulp of one is that point.
+        cache_size: most nodes kept (LRU); default ``4 * max_depth + 8`` keeps a step's paths to the root.
         sample_offset: index of row 0 among all samples of this seed (for drawing a large run in chunks).
-        dtype, device: of the returned tensors (values are computed in float64 on the CPU).
+        dtype, device: of the returned tensors (values are computed in float64 with NumPy on the CPU).
     """
 
     def __init__(
@@ -182,6 +196,8 @@ class BrownianTree:
             raise ValueError(f"cache_size must be >= 2, got {cache_size}")
         self.dtype = dtype
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._span = t1 - t0
+        self._snap_tol = 4.0 * math.ulp(max(abs(t0), abs(t1)))
         self._clock = clock if clock is not None else (lambda t: t)
         v0, v1 = self._clock_at(t0), self._clock_at(t1)
         if not v1 > v0:
@@ -190,6 +206,7 @@ class BrownianTree:
         rows = np.arange(int(sample_offset), int(sample_offset) + shape[0], dtype=np.uint64)
         counters = rows[:, None] * np.uint64(n_event) + np.arange(n_event, dtype=np.uint64)[None, :]
         self._lanes = counter_lanes(counters.reshape(shape))
+        self._prefetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         x1, x2 = self._normals(0)
         self._root = _Piece(math.sqrt(v1 - v0) * x1, math.sqrt((v1 - v0) / 12.0) * x2, v1 - v0)
         self._cache: OrderedDict[int, _Piece] = OrderedDict()
@@ -202,18 +219,21 @@ class BrownianTree:
         for name, u in (("s", s), ("t", t)):
             if not self.t0 <= u <= self.t1:
                 raise ValueError(f"query time {name}={u} outside the Brownian tree's [{self.t0}, {self.t1}]")
+        s, t = self._snap(s), self._snap(t)
         if s == t:
             zero = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
             return BrownianIncrement(zero, zero.clone())
         lo, hi = (s, t) if s < t else (t, s)
         piece = self._recent.get((lo, hi))
         if piece is None:
+            self._prefetch(lo, hi)
             piece = self._interval(lo, hi)
+            self._prefetched.clear()
             self._recent[(lo, hi)] = piece
             if len(self._recent) > _RECENT:
                 self._recent.popitem(last=False)
         W = piece.W if s < t else -piece.W
-        return BrownianIncrement(W.to(self.device, self.dtype), piece.H.to(self.device, self.dtype))
+        return BrownianIncrement(self._tensor(W), self._tensor(piece.H))
 
     __call__ = increment
 
@@ -223,24 +243,90 @@ class BrownianTree:
         return len(self._cache)
 
     def nbytes(self) -> int:
-        """Bytes of Brownian state held (root and cached nodes)."""
+        """Bytes of Brownian values held (root, cached nodes, remembered answers)."""
         per_node = 2 * math.prod(self.shape) * 8
         return (1 + len(self._cache) + len(self._recent)) * per_node
 
-    # -- internals ---------------------------------------------------------------------------------------
+    # -- tree geometry -----------------------------------------------------------------------------------
+    # Node ``code`` (heap numbering: root 1, children 2c and 2c + 1) at level l = code.bit_length() - 1 with
+    # index k = code - 2**l covers [bound(l, k), bound(l, k + 1)].
+    def _bound(self, level: int, k: int) -> float:
+        if k == 0:
+            return self.t0
+        if k == 1 << level:
+            return self.t1
+        return self.t0 + self._span * k / (1 << level)
+
+    def _mid(self, code: int) -> float:
+        level = code.bit_length() - 1
+        return self._bound(level + 1, 2 * (code - (1 << level)) + 1)
+
+    def _snap(self, u: float) -> float:
+        """The tree point a query time stands for: the dyadic point within 4 ulp of it, else itself."""
+        tol = self._snap_tol
+        for end in (self.t0, self.t1):
+            if abs(u - end) <= tol:
+                return end
+        code = 1
+        for _ in range(self.max_depth):
+            m = self._mid(code)
+            if abs(u - m) <= tol:
+                return m
+            code = 2 * code + (u > m)
+        return u
+
+    def _path(self, u: float) -> list[int]:
+        """Codes of the nodes split (dyadically, or virtually at a leaf) to reach point u."""
+        codes: list[int] = []
+        if u == self.t0 or u == self.t1:
+            return codes
+        code = 1
+        for depth in range(self.max_depth + 1):
+            codes.append(code)
+            m = self._mid(code) if depth < self.max_depth else u
+            if u == m:
+                break
+            code = 2 * code + (u > m)
+        return codes
+
+    # -- values ------------------------------------------------------------------------------------------
     def _clock_at(self, t: float) -> float:
-        v = float(self._clock(t))
+        try:
+            v = float(self._clock(t))
+        except (ZeroDivisionError, OverflowError):
+            v = math.inf
         if not math.isfinite(v):
             raise ValueError(f"clock({t}) = {v} is not finite")
         return v
 
-    def _normals(self, node: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return standard_normal_pair(self.seed, node, self._lanes)
+    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
 
-    def _children(self, code: int, node: _Piece, a: float, m: float, b: float) -> tuple[_Piece, _Piece]:
-        """The two dyadic children of node ``code`` over [a, m] and [m, b] (cached)."""
+    def _prefetch(self, s: float, t: float) -> None:
+        """Draw in one vectorised call the noise of every node this query will split that is not cached."""
+        leaf_level = self.max_depth
+        todo = sorted({
+            c for c in self._path(s) + self._path(t)
+            if c.bit_length() - 1 == leaf_level or 2 * c not in self._cache or 2 * c + 1 not in self._cache
+        })
+        if len(todo) > 1:
+            x1, x2 = standard_normal_pair([node_key(self.seed, c) for c in todo], self._lanes)
+            self._prefetched = {c: (x1[i], x2[i]) for i, c in enumerate(todo)}
+
+    def _normals(self, node: int) -> tuple[np.ndarray, np.ndarray]:
+        got = self._prefetched.get(node)
+        if got is not None:
+            return got
+        x1, x2 = standard_normal_pair([node_key(self.seed, node)], self._lanes)
+        return x1[0], x2[0]
+
+    def _children(self, code: int, node: _Piece) -> tuple[_Piece, _Piece]:
+        """The two dyadic children of node ``code`` (cached)."""
         left, right = self._cache.get(2 * code), self._cache.get(2 * code + 1)
         if left is None or right is None:
+            level = code.bit_length() - 1
+            k = code - (1 << level)
+            a, m, b = self._bound(level, k), self._mid(code), self._bound(level, k + 1)
             left, right = self._bridge(code, node, a, m, b)
             self._store(2 * code, left)
             self._store(2 * code + 1, right)
@@ -262,79 +348,86 @@ class BrownianTree:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
+    def _leaf_split(self, code: int, leaf: _Piece, u: float) -> tuple[_Piece, _Piece]:
+        """Virtual split of a deepest-level leaf at a point u inside it (noise keyed on the leaf)."""
+        level = code.bit_length() - 1
+        k = code - (1 << level)
+        return self._bridge(code, leaf, self._bound(level, k), u, self._bound(level, k + 1))
+
     def _interval(self, s: float, t: float) -> _Piece:
-        """(W, H) over [s, t], t0 <= s < t <= t1."""
-        code, node, a, b, depth = 1, self._root, self.t0, self.t1, 0
-        while True:
-            if s == a and t == b:
+        """(W, H) over [s, t] for snapped t0 <= s < t <= t1."""
+        code, node = 1, self._root
+        for depth in range(self.max_depth + 1):
+            level = code.bit_length() - 1
+            k = code - (1 << level)
+            if s == self._bound(level, k) and t == self._bound(level, k + 1):
                 return node
             if depth == self.max_depth:
-                return self._within_leaf(code, node, a, b, s, t)
-            m = 0.5 * (a + b)
-            left, right = self._children(code, node, a, m, b)
+                return self._within_leaf(code, node, s, t)
+            m = self._mid(code)
+            left, right = self._children(code, node)
             if t <= m:
-                code, node, b = 2 * code, left, m
+                code, node = 2 * code, left
             elif s >= m:
-                code, node, a = 2 * code + 1, right, m
+                code, node = 2 * code + 1, right
             else:
-                return _join(self._suffix(2 * code, left, a, m, depth + 1, s),
-                             self._prefix(2 * code + 1, right, m, b, depth + 1, t))
-            depth += 1
+                return _join(self._suffix(2 * code, left, s), self._prefix(2 * code + 1, right, t))
+        raise AssertionError("unreachable: the loop returns at max_depth")
 
-    def _prefix(self, code: int, node: _Piece, a: float, b: float, depth: int, t: float) -> _Piece:
-        """(W, H) over [a, t] inside node ``code`` = [a, b]."""
+    def _prefix(self, code: int, node: _Piece, t: float) -> _Piece:
+        """(W, H) over [start of node ``code``, t]."""
         pieces = []
-        while t != b:
-            if depth == self.max_depth:
-                node = self._leaf_split(code, node, a, b, t)[0]
+        while True:
+            level = code.bit_length() - 1
+            if t == self._bound(level, code - (1 << level) + 1):
                 break
-            m = 0.5 * (a + b)
-            left, right = self._children(code, node, a, m, b)
-            if t <= m:
-                code, node, b = 2 * code, left, m
+            if level == self.max_depth:
+                node = self._leaf_split(code, node, t)[0]
+                break
+            left, right = self._children(code, node)
+            if t <= self._mid(code):
+                code, node = 2 * code, left
             else:
                 pieces.append(left)
-                code, node, a = 2 * code + 1, right, m
-            depth += 1
+                code, node = 2 * code + 1, right
         for piece in reversed(pieces):
             node = _join(piece, node)
         return node
 
-    def _suffix(self, code: int, node: _Piece, a: float, b: float, depth: int, s: float) -> _Piece:
-        """(W, H) over [s, b] inside node ``code`` = [a, b]."""
+    def _suffix(self, code: int, node: _Piece, s: float) -> _Piece:
+        """(W, H) over [s, end of node ``code``]."""
         pieces = []
-        while s != a:
-            if depth == self.max_depth:
-                node = self._leaf_split(code, node, a, b, s)[1]
+        while True:
+            level = code.bit_length() - 1
+            if s == self._bound(level, code - (1 << level)):
                 break
-            m = 0.5 * (a + b)
-            left, right = self._children(code, node, a, m, b)
-            if s >= m:
-                code, node, a = 2 * code + 1, right, m
+            if level == self.max_depth:
+                node = self._leaf_split(code, node, s)[1]
+                break
+            left, right = self._children(code, node)
+            if s >= self._mid(code):
+                code, node = 2 * code + 1, right
             else:
                 pieces.append(right)
-                code, node, b = 2 * code, left, m
-            depth += 1
+                code, node = 2 * code, left
         for piece in reversed(pieces):
             node = _join(node, piece)
         return node
 
-    def _leaf_split(self, code: int, leaf: _Piece, a: float, b: float, u: float) -> tuple[_Piece, _Piece]:
-        """Virtual split of a deepest-level leaf [a, b] at a point u inside it (noise keyed on the leaf)."""
-        return self._bridge(code, leaf, a, u, b)
-
-    def _within_leaf(self, code: int, leaf: _Piece, a: float, b: float, s: float, t: float) -> _Piece:
-        """(W, H) over [s, t] inside one leaf [a, b], from the leaf's virtual splits at s and at t."""
-        if s == a:
-            return self._leaf_split(code, leaf, a, b, t)[0]
-        if t == b:
-            return self._leaf_split(code, leaf, a, b, s)[1]
-        to_t = self._leaf_split(code, leaf, a, b, t)[0]
-        to_s = self._leaf_split(code, leaf, a, b, s)[0]
+    def _within_leaf(self, code: int, leaf: _Piece, s: float, t: float) -> _Piece:
+        """(W, H) over [s, t] inside one leaf, from the leaf's virtual splits at s and at t."""
+        level = code.bit_length() - 1
+        k = code - (1 << level)
+        if s == self._bound(level, k):
+            return self._leaf_split(code, leaf, t)[0]
+        if t == self._bound(level, k + 1):
+            return self._leaf_split(code, leaf, s)[1]
+        to_t = self._leaf_split(code, leaf, t)[0]
+        to_s = self._leaf_split(code, leaf, s)[0]
         h = to_t.h - to_s.h
         W = to_t.W - to_s.W
         if h <= 0.0:
-            return _Piece(torch.zeros_like(W), torch.zeros_like(W), 0.0)
+            return _Piece(np.zeros_like(W), np.zeros_like(W), 0.0)
         # invert _join(to_s, [s, t]) = to_t for the Levy area of [s, t]
         H = (to_t.h * to_t.H - to_s.h * to_s.H - 0.5 * (h * to_s.W - to_s.h * W)) / h
         return _Piece(W, H, h)

@@ -1,0 +1,101 @@
+"""Exact density of the *discrete* solver map by tangent propagation (DESIGN.md §4, issue 9).
+
+On a fixed grid the sampler's output x_N = Phi(x_0) is a smooth map, so log q(x_N) = log p_0(x_0) - log|det dPhi/dx_0|.
+Explicit (Lawson) RK steps and the Rex coupling are built from linear combinations of states and right-hand sides
+with the same coefficients, so they commute with linearisation: carrying a tangent matrix M (weight kind "x",
+initialised to the identity) through the *same* steps with the linearised right-hand side c M + e J_f M gives the
+exact Jacobian of the discrete map. For Rex the auxiliary state carries its own tangent (the solver duplicates
+the whole state tuple, and x_hat_0 = x_0 gives d x_hat_0/d x_0 = I).
+
+Tangents live in the coordinates of the prior's orthonormal basis U [d, k] (M is [B, k, c]: c of the k columns),
+so the determinant is that of the map restricted to the support (the mean-free subspace for molecules); this needs
+a model whose output stays in the support (J_f = U U^T J_f), which is what keeps the flow there in the first place.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rexmol.likelihood.cnf import check_output, log_density_rate, support_dim
+from rexmol.likelihood.divergence import ExactTrace, Model
+from rexmol.solvers.dynamics import time_vector
+from rexmol.solvers.lawson import LawsonCoordinates
+from rexmol.solvers.state import State
+
+
+class TangentDynamics:
+    """State (x, ell, M) with kinds ("x", "one", "x") when ``with_trace`` (all k columns), else (x, M).
+
+    With all columns the projected Jacobian K = U^T J_f U [B, k, k] is formed once per evaluation by the fastest
+    exact method (``jacobian.jacobian``), giving both K M and the trace (so the integrated-divergence log q comes
+    for free). With a chunk of c < k columns, J_f (U M) is computed by forward mode (c Jacobian-vector products).
+    """
+
+    def __init__(self, model: Model, coords: LawsonCoordinates, jacobian: ExactTrace, basis: Tensor | None = None,
+                 with_trace: bool = True):
+        self.model, self.coords, self.jac, self.basis = model, coords, jacobian, basis
+        self.with_trace = with_trace
+        self.kinds = ("x", "one", "x") if with_trace else ("x", "x")
+        self._columns = ExactTrace("jvp-vmap", memory_budget=jacobian.memory_budget)
+
+    def __call__(self, t: float, state: State) -> State:
+        x, M = state[0], state[-1]
+        tv = time_vector(t, x)
+        k = support_dim(x, self.basis)
+        if M.shape[1] != k:
+            raise ValueError(f"tangent must be [B, k={k}, c], got {list(M.shape)}")
+        if M.shape[2] == k:
+            f, K = self.jac.jacobian(self.model, x, tv, self.basis)
+            JM = K @ M
+            tr = K.diagonal(dim1=1, dim2=2).sum(-1)
+        else:
+            if self.with_trace:
+                raise ValueError("the integrated trace needs all k tangent columns (with_trace=False for chunks)")
+            V = M if self.basis is None else torch.einsum("dk,bkc->bdc", self.basis.to(M), M)
+            V = V.permute(2, 0, 1).reshape(M.shape[2], *x.shape)
+            f, P, _ = self._columns.products(self.model, x, tv, V)
+            P = P.reshape(M.shape[2], x.shape[0], -1)
+            JM = P.permute(1, 2, 0) if self.basis is None else torch.einsum("dk,cbd->bkc", self.basis.to(P), P)
+            tr = None
+        check_output(f, x, t)
+        c, e = self.coords.lawson_coeffs(t)
+        dx = f * e if c == 0.0 else x * c + f * e
+        dM = JM * e if c == 0.0 else M * c + JM * e
+        if not self.with_trace:
+            return dx, dM
+        return dx, log_density_rate(self.coords, t, k, tr), dM
+
+
+def identity_columns(batch: int, k: int, cols: range, dtype: torch.dtype, device) -> Tensor:
+    """Columns ``cols`` of the k x k identity for every sample: [B, k, len(cols)]."""
+    eye = torch.zeros(k, len(cols), dtype=dtype, device=device)
+    eye[torch.as_tensor(list(cols)), torch.arange(len(cols))] = 1.0
+    return eye.expand(batch, k, len(cols)).clone()
+
+
+def column_chunk(batch: int, k: int, itemsize: int, stages: int, reversible: bool, memory_budget: int) -> int:
+    """Tangent columns per solve so that the tangent copies a solver holds fit ``memory_budget`` bytes.
+
+    A step holds about stages + 3 copies of the state (twice that for Rex, which carries x_hat), plus K [B, k, k]
+    when all columns are carried at once.
+    """
+    copies = (stages + 3) * (2 if reversible else 1)
+    per_column = copies * batch * k * itemsize
+    if per_column * k + batch * k * k * itemsize <= memory_budget:
+        return k
+    return max(1, min(k, memory_budget // per_column))
+
+
+def logdet_diagnostics(M: Tensor, cond_limit: float | None = None) -> dict[str, Tensor]:
+    """log|det M|, sign, 2-norm condition number and a ``folded`` flag per sample, computed in float64.
+
+    ``folded``: det <= 0 (the map is orientation-reversing or singular there, so the density formula fails) or
+    cond > ``cond_limit`` (default 0.01 / eps of M's dtype: the smallest singular value is not resolved).
+    """
+    limit = cond_limit if cond_limit is not None else 0.01 / torch.finfo(M.dtype).eps
+    M64 = M.to(torch.float64)
+    sign, logabs = torch.linalg.slogdet(M64)
+    sv = torch.linalg.svdvals(M64)
+    cond = sv[..., 0] / sv[..., -1]
+    folded = (sign <= 0) | ~torch.isfinite(logabs) | ~(cond <= limit)
+    return {"logdet": logabs, "sign": sign, "cond": cond, "folded": folded}

@@ -1,0 +1,189 @@
+"""The proposal of a Boltzmann sampler: a trained generator + an ODE solver + an exact log-density.
+
+:class:`ProposalSpec` is a picklable description (checkpoint, solver, tolerances or steps, log-density mode,
+dtype); ``spec.build()`` loads the checkpoint and returns a :class:`FlowProposal`, which maps standard-normal
+draws z [B, N, 3] to samples in nm with log q w.r.t. nm on the mean-free subspace, NFE and a round-trip
+certificate (see :class:`rexmol.sampling.Proposal`).
+
+Solvers: every name of :func:`rexmol.solvers.make_solver` (``rex-dopri5``, ``dopri5``, ``rex-rk4``, ...) through
+:func:`rexmol.likelihood.flow.sample_with_logq`, plus ``torchdiffeq-dopri5``: the published baseline's ODE solve
+(torchdiffeq dopri5 on the augmented state (x, ell) in t, exact divergence, error control on both components).
+
+Units: the model works in normalised coordinates x_norm = x_nm / scale on the 3(N-1)-dimensional mean-free
+subspace, so log q_nm(x_nm) = log q_norm(x_norm) - 3(N-1) log(scale).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rexmol.sampling import ProposalBatch
+
+__all__ = ["TORCHDIFFEQ_SOLVERS", "ProposalSpec", "FlowProposal", "file_sha256"]
+
+TORCHDIFFEQ_SOLVERS = ("torchdiffeq-dopri5",)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ProposalSpec:
+    """Everything that determines a proposal's samples.
+
+    ``solver``: a solver name or ``torchdiffeq-dopri5``; adaptive with ``rtol``/``atol`` when ``steps`` is None
+    (the tableau needs an embedded pair), else ``steps`` uniform steps in t. ``lawson``: Lawson coordinates of
+    ``rex-``/``princeps-`` solvers (plain names integrate in t). ``t0``/``t1``: integration interval
+    (0 = noise, 1 = data; data-kind coordinates need t1 < 1). ``logq``: "exact" | "hutchinson" | "discrete".
+    ``roundtrip``: also run the backward pass and record the certificate (doubles the cost).
+    """
+
+    ckpt: str
+    solver: str = "rex-dopri5"
+    rtol: float = 1e-4
+    atol: float = 1e-4
+    steps: int | None = None
+    lawson: str = "data"
+    t0: float = 0.0
+    t1: float = 0.999
+    logq: str = "exact"
+    trace_method: str = "auto"
+    dtype: str = "float64"
+    zeta: float = 1.0
+    roundtrip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {tuple(DTYPES)}")
+        if not 0.0 <= self.t0 < self.t1 <= 1.0:
+            raise ValueError(f"need 0 <= t0 < t1 <= 1, got t0={self.t0}, t1={self.t1}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.solver in TORCHDIFFEQ_SOLVERS:
+            if self.steps is not None or self.logq != "exact":
+                raise ValueError(f"{self.solver} is adaptive with the exact trace: no --steps, --logq exact")
+
+    def description(self, sha256: str) -> dict[str, Any]:
+        d = {"model": "DiT", **asdict(self), "ckpt_sha256": sha256}
+        if self.steps is not None:
+            d["rtol"] = d["atol"] = None
+        if self.solver in TORCHDIFFEQ_SOLVERS or self.solver.rpartition("-")[0] == "":
+            d["lawson"] = "velocity (t)"
+        return d
+
+    def build(self) -> FlowProposal:
+        """Load the checkpoint and check the solver settings (ValueError/FileNotFoundError on bad input)."""
+        from rexmol.models.checkpoint import load_generator
+
+        gen = load_generator(self.ckpt)
+        return FlowProposal(self, gen, file_sha256(self.ckpt))
+
+
+class FlowProposal:
+    """Callable ``proposal(z [B, N, 3]) -> ProposalBatch`` for a loaded generator; see the module doc."""
+
+    def __init__(self, spec: ProposalSpec, generator, sha256: str):
+        from rexmol.likelihood.priors import MeanFreeGaussian
+        from rexmol.solvers import FlowMatching, LawsonCoordinates, make_solver
+
+        self.spec, self.generator = spec, generator.to(DTYPES[spec.dtype])
+        self.system = generator.system
+        if generator.sigma_min != 0.0:
+            raise ValueError(f"checkpoint has sigma_min={generator.sigma_min}; the solvers assume the path sigma_min=0")
+        self.prior = MeanFreeGaussian(generator.n_atoms, 3)
+        self.coords = LawsonCoordinates(FlowMatching(), kind=spec.lawson, output=generator.output_kind)
+        self.description = spec.description(sha256)
+        if spec.solver not in TORCHDIFFEQ_SOLVERS:
+            make_solver(spec.solver, generator.model, coords=self.coords)  # validates the name
+            if spec.solver.startswith(("rex-", "princeps-")):  # Lawson coordinates may be singular at an end
+                self.coords.check_time(spec.t0)
+                self.coords.check_time(spec.t1)
+        self.log_scale_jacobian = self.prior.dim * math.log(generator.scale)
+
+    def _steps(self):
+        from rexmol.solvers import AdaptiveSteps, FixedGrid
+
+        s = self.spec
+        if s.steps is not None:
+            return FixedGrid.uniform_t(s.t0, s.t1, s.steps)
+        return AdaptiveSteps(s.t0, s.t1, rtol=s.rtol, atol=s.atol)
+
+    def __call__(self, z: np.ndarray) -> ProposalBatch:
+        dtype = DTYPES[self.spec.dtype]
+        x0 = self.prior.project(torch.as_tensor(z, dtype=dtype))
+        if self.spec.solver in TORCHDIFFEQ_SOLVERS:
+            x, logq, nfe, rt_x, rt_logq = self._torchdiffeq(x0)
+        else:
+            x, logq, nfe, rt_x, rt_logq = self._rex_family(x0)
+        b = x0.shape[0]
+        x_nm = self.generator.to_nm(x.detach()).to(torch.float64).numpy()
+        return ProposalBatch(
+            x=x_nm, log_q=logq.detach().to(torch.float64).numpy() - self.log_scale_jacobian,
+            nfe=np.full(b, nfe, dtype=np.int64),
+            roundtrip_x=np.full(b, np.nan) if rt_x is None else rt_x.to(torch.float64).numpy(),
+            roundtrip_logq=np.full(b, np.nan) if rt_logq is None else rt_logq.to(torch.float64).numpy(),
+        )
+
+    def _rex_family(self, x0: torch.Tensor):
+        from rexmol.likelihood.flow import LogQOptions, roundtrip_certificate, sample_with_logq
+
+        s = self.spec
+        with torch.no_grad():
+            out = sample_with_logq(self.generator.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
+                                   zeta=s.zeta, options=LogQOptions(mode=s.logq, method=s.trace_method))
+            cert = roundtrip_certificate(out) if s.roundtrip else None
+        return (out.x, out.logq, out.nfe, None if cert is None else cert.x0_error,
+                None if cert is None else cert.logq_error)
+
+    def _torchdiffeq(self, x0: torch.Tensor):
+        """dopri5 of torchdiffeq on (x, ell) in t with the exact divergence; backward solve for the certificate."""
+        import torchdiffeq
+
+        from rexmol.likelihood.divergence import ExactTrace
+        from rexmol.solvers import FlowMatching, NonFiniteError, time_vector
+
+        s, model, schedule = self.spec, self.generator.model, FlowMatching()
+        output, k = self.generator.output_kind, self.prior.dim
+        basis = self.prior.basis(x0.dtype)
+        trace = ExactTrace(s.trace_method)
+        nfe = 0
+
+        def rhs(t: torch.Tensor, state):
+            nonlocal nfe
+            nfe += 1
+            x = state[0]
+            f, tr = trace(model, x, time_vector(float(t), x), basis)
+            a, b = schedule.velocity_coeffs(float(t), output)
+            v, div = f * b + x * a, tr * b + a * k
+            if not (torch.isfinite(v).all() and torch.isfinite(div).all()):
+                raise NonFiniteError(f"non-finite velocity or divergence at t={float(t)!r}", float(t))
+            return v, -div
+
+        def integrate(state, t_from: float, t_to: float):
+            ts = torch.tensor([t_from, t_to], dtype=x0.dtype)
+            xs, ells = torchdiffeq.odeint(rhs, state, ts, method="dopri5", rtol=s.rtol, atol=s.atol)
+            return xs[-1], ells[-1]
+
+        with torch.no_grad():
+            x1, ell1 = integrate((x0, x0.new_zeros(x0.shape[0])), s.t0, s.t1)
+            forward_nfe = nfe
+            logq = self.prior.log_prob(x0) + ell1
+            if not s.roundtrip:
+                return x1, logq, forward_nfe, None, None
+            x0b, ell0b = integrate((x1, ell1), s.t1, s.t0)
+        x0b = self.prior.project(x0b)
+        rt_x = (x0b - x0).reshape(x0.shape[0], -1).abs().amax(-1)
+        rt_logq = (self.prior.log_prob(x0b) + ell1 - ell0b - logq).abs()
+        return x1, logq, forward_nfe, rt_x, rt_logq

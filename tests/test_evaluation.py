@@ -1,0 +1,125 @@
+"""Evaluation against held-out MD (rexmol.evaluation) on a tiny real MD dataset made by `rexmol md`."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rexmol.systems import load_system, systems_root
+
+
+def make_tiny_dataset(root: Path) -> Path:
+    """60 ps of ala3 MD (2 ps equilibration instead of 100 ps), 20-frame split windows -> 9 test frames."""
+    from rexmol.md import MDConfig, run_md
+
+    system_dir = root / "ala3_short_equilibration"
+    shutil.copytree(systems_root() / "ala3", system_dir)
+    spec = (system_dir / "spec.toml").read_text()
+    (system_dir / "spec.toml").write_text(spec.replace("equilibration_ps = 100.0", "equilibration_ps = 2.0"))
+    out = root / "md"
+    run_md(MDConfig(str(system_dir), ns=0.06, replicas=1, seed=5, chunk_ps=30.0, split_window_ns=0.02), out,
+           workers=1, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_md"))
+
+
+@pytest.fixture(scope="module")
+def reference(dataset):
+    from rexmol.evaluation import load_reference
+
+    return load_reference(dataset, load_system("ala3"))
+
+
+def _records_from_frames(frames: np.ndarray, system) -> tuple[dict, dict]:
+    """A sample record whose samples are the given frames, log q = 0 (so log w = -E)."""
+    from rexmol.energy import OpenMMEnergy
+
+    with OpenMMEnergy(system) as bridge:
+        e = bridge.evaluate(frames).energy
+    n = len(frames)
+    config = {"format": "rexmol-samples/1", "system": system.name, "n_atoms": system.n_atoms, "n": n,
+              "batch_size": n, "seed": 0, "proposal": {"model": "MD frames", "solver": "none"}}
+    data = {"x": frames.astype(np.float64), "energy": e, "log_q": np.zeros(n), "log_w": -e, "nfe": np.zeros(n),
+            "roundtrip_x": np.full(n, np.nan), "roundtrip_logq": np.full(n, np.nan),
+            "energy_failed": ~np.isfinite(e), "index": np.arange(n)}
+    return config, data
+
+
+def test_reference_frames_have_energies_and_four_dihedrals(reference):
+    assert reference.n_frames == 9
+    assert reference.angles.shape == (9, 4)
+    assert np.all(np.isfinite(reference.energy)) and np.all(np.abs(reference.angles) <= np.pi)
+
+
+def test_reference_samples_evaluate_to_zero_distance_and_mirrors_are_fixed(dataset, reference):
+    from rexmol.evaluation import evaluate_run
+    from rexmol.mddata import load_frames
+
+    system = reference.system
+    frames = load_frames(dataset, "test").astype(np.float64)
+    frames[::2] *= -1.0  # wrong handedness: the evaluation must mirror them back
+    config, data = _records_from_frames(frames, system)
+    row, arrays = evaluate_run(config, data, reference)
+    assert row["n_mirrored"] == 5 and row["n_mixed_chirality"] == 0
+    assert row["e_w2_proposal"] == pytest.approx(0.0, abs=1e-6)
+    assert row["t_w2_proposal"] == pytest.approx(0.0, abs=1e-5)
+    assert 0 < row["ess"] <= 1 and row["n_nonfinite"] == 0
+    assert row["e_w2"] >= 0 and row["t_w2"] >= 0
+    assert set(row["basins"]) == {"phi2/psi2"}
+    pops = row["basins"]["phi2/psi2"]
+    assert pops["proposal"] == pops["md"]
+    np.testing.assert_allclose(arrays["angles"], reference.angles, atol=1e-5)
+
+
+def test_nonfinite_samples_are_counted_not_dropped(dataset, reference):
+    from rexmol.evaluation import evaluate_run
+    from rexmol.mddata import load_frames
+
+    frames = load_frames(dataset, "test").astype(np.float64)
+    config, data = _records_from_frames(frames, reference.system)
+    data["x"][3] = np.nan
+    data["energy"][3] = np.inf
+    data["energy_failed"][3] = True
+    data["log_w"][3] = -np.inf
+    data["log_w"][4] = np.nan  # e.g. a non-finite log q
+    row, _ = evaluate_run(config, data, reference)
+    assert row["n"] == 9 and row["n_nonfinite"] == 2 and row["n_energy_failed"] == 1
+    assert row["n_excluded_e_w2_proposal"] == 1
+
+
+def test_samples_of_another_system_or_topology_are_rejected(dataset, reference, tmp_path):
+    from rexmol.evaluation import evaluate_run, load_reference
+    from rexmol.mddata import load_frames
+
+    frames = load_frames(dataset, "test").astype(np.float64)
+    config, data = _records_from_frames(frames, reference.system)
+    with pytest.raises(ValueError, match="not of 'ala3'"):
+        evaluate_run({**config, "system": "ala2", "n_atoms": 22}, data, reference)
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "system": "ala2"}))
+    with pytest.raises(ValueError, match="different topology"):
+        load_reference(other, reference.system)
+
+
+def test_report_files_are_written(dataset, reference, tmp_path):
+    from rexmol.evaluation import evaluate_run, write_report
+    from rexmol.mddata import load_frames
+    from rexmol.report import load_published
+
+    frames = load_frames(dataset, "test").astype(np.float64)
+    config, data = _records_from_frames(frames, reference.system)
+    row, arrays = evaluate_run(config, data, reference)
+    text = write_report(tmp_path, [row], [arrays], reference, load_published())
+    assert "**published**" in text and "MD frames" in text
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"report.json", "report.md", "energy.png", "log_weights.png", "roundtrip.png",
+            "ramachandran_phi2_psi2.png"} <= names
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["runs"][0]["n"] == 9 and report["reference"]["n_frames"] == 9
