@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--system", default="ala3")
-    p.add_argument("--platform", default="Reference")
+    p.add_argument("--platform", default=None, help="default: the system spec's choice")
     p.add_argument("--frames", type=int, default=2000)
     p.add_argument("--data", default=None, help="MD dataset folder: use its test frames (default: noisy reference frame)")
     p.add_argument("--repeats", type=int, default=7)

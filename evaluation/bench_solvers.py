@@ -1,9 +1,10 @@
 """Benchmark: rexmol adaptive Dopri5 and Rex-Dopri5 against torchdiffeq's dopri5 at equal rtol/atol.
 
 Problems: the closed-form Gaussian flow-matching model (exact reference map) and a random tanh MLP velocity
-field (reference: scipy DOP853 at rtol = atol = 1e-12). Reports forward NFE, forward wall time (best of
---repeats, one thread), max error vs the reference and the round-trip error (forward then back; torchdiffeq
-and rexmol's non-reversible Dopri5 integrate backward adaptively, Rex replays its step record).
+field (reference: scipy DOP853 at rtol = atol = 1e-12). Reports forward NFE, forward CPU time (process time,
+best of --repeats, one thread; robust on a shared machine), max error vs the reference and the round-trip
+error (forward then back: torchdiffeq and rexmol's non-reversible Dopri5 integrate backward adaptively, Rex
+replays its step record).
 Not a test; needs the ``bench`` extra (torchdiffeq).
 
     python evaluation/bench_solvers.py [--tols 1e-3 1e-5 1e-7] [--json out.json]
@@ -64,12 +65,12 @@ def run_rexmol(name: str, kind: str, field, x0, tol: float) -> dict:
     model = Counted(field)
     solver = make_solver(name, model, LawsonCoordinates(FlowMatching(), kind, "velocity"))
     steps = AdaptiveSteps(T0, T1, rtol=tol, atol=tol)
-    start = time.perf_counter()
+    start = time.process_time()
     sol = solve(solver, x0, steps)
-    wall = time.perf_counter() - start
+    cpu = time.process_time() - start
     back_steps = None if solver.reversible else AdaptiveSteps(T1, T0, rtol=tol, atol=tol)
     back = invert(solver, sol, back_steps)
-    return {"x": sol.x, "nfe": sol.nfe, "wall": wall, "accepted": sol.accepted, "rejected": sol.rejected,
+    return {"x": sol.x, "nfe": sol.nfe, "cpu": cpu, "accepted": sol.accepted, "rejected": sol.rejected,
             "round_trip": (back.x - x0).abs().max().item()}
 
 
@@ -80,12 +81,12 @@ def run_torchdiffeq(field, x0, tol: float) -> dict:
         return model(x, t.expand(x.shape[0]))
 
     ts = torch.tensor([T0, T1], dtype=torch.float64)
-    start = time.perf_counter()
+    start = time.process_time()
     xs = odeint(func, x0, ts, method="dopri5", rtol=tol, atol=tol)
-    wall = time.perf_counter() - start
+    cpu = time.process_time() - start
     nfe = model.calls
     back = odeint(func, xs[-1], ts.flip(0), method="dopri5", rtol=tol, atol=tol)[-1]
-    return {"x": xs[-1], "nfe": nfe, "wall": wall, "accepted": None, "rejected": None,
+    return {"x": xs[-1], "nfe": nfe, "cpu": cpu, "accepted": None, "rejected": None,
             "round_trip": (back - x0).abs().max().item()}
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tols", nargs="+", type=float, default=[1e-3, 1e-5, 1e-7])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3, help="forward wall time: best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="forward CPU time: best of this many runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "mlp d=16 h=64": mlp_problem(16, 64, args.batch, gen),
     }
     rows = []
-    print(f"float64, batch {args.batch}, t in [{T0}, {T1}], 1 thread, wall = best of {args.repeats}")
-    print("| problem | tol | method | NFE | acc/rej | wall ms | max err vs ref | round trip |")
+    print(f"float64, batch {args.batch}, t in [{T0}, {T1}], 1 thread, cpu = process time, best of {args.repeats}")
+    print("| problem | tol | method | NFE | acc/rej | cpu ms | max err vs ref | round trip |")
     print("|---|---|---|---|---|---|---|---|")
     for pname, (field, x0, ref) in problems.items():
         for tol in args.tols:
@@ -122,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = runs[0]
                 row = {"problem": pname, "tol": tol, "method": mname, "nfe": r["nfe"],
                        "accepted": r["accepted"], "rejected": r["rejected"],
-                       "wall_ms": 1e3 * min(x["wall"] for x in runs),
+                       "cpu_ms": 1e3 * min(x["cpu"] for x in runs),
                        "error_vs_reference": (r["x"] - ref).abs().max().item(), "round_trip": r["round_trip"]}
                 rows.append(row)
                 accrej = "-" if r["accepted"] is None else f"{r['accepted']}/{r['rejected']}"
-                print(f"| {pname} | {tol:g} | {mname} | {row['nfe']} | {accrej} | {row['wall_ms']:.1f} | "
+                print(f"| {pname} | {tol:g} | {mname} | {row['nfe']} | {accrej} | {row['cpu_ms']:.1f} | "
                       f"{row['error_vs_reference']:.2e} | {row['round_trip']:.2e} |", flush=True)
     if args.json:
         with open(args.json, "w") as fh:

@@ -9,8 +9,9 @@ non-finite energy, or an OpenMM exception is *failed*: its energy is +inf (weigh
 with its own context; both paths run the same per-sample code and give identical numbers. It also offers the
 bgflow-style ``energy(x) -> [B, 1]`` and ``force(x) -> [B, N, 3]`` in kT, returning torch when given torch.
 
-Platform: ``"Reference"`` by default (for these 22-33 atom implicit-solvent systems the fastest or equal CPU
-platform, measured by ``evaluation/bench_platforms.py``), ``"CUDA"`` when ``"auto"`` finds a GPU.
+Platform: by default the one the system's spec names after measurement (``evaluation/bench_platforms.py``):
+Reference for ala2/ala3 with the native GBSAOBCForce (1.7-3x faster than CPU per energy at this size), CPU for
+ala3-sbg's CustomGBForce (~5x faster than Reference); ``"auto"`` takes CUDA where there is a GPU.
 """
 from __future__ import annotations
 
@@ -48,13 +49,17 @@ class EnergyResult:
         return int(self.failed.sum())
 
 
-def choose_platform(name: str = "Reference") -> str:
-    """Resolve a platform name; ``"auto"`` is CUDA where available, else Reference. ValueError if unknown."""
+def choose_platform(name: str | None, system: System) -> str:
+    """Resolve a platform name. None: the system's measured choice (spec key ``platform``, default Reference);
+    ``"auto"``: CUDA where available, else that choice. ValueError if unknown or not available."""
     import openmm
 
     available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-    if name == "auto":
-        return "CUDA" if "CUDA" in available else "Reference"
+    preferred = str(system.spec.get("platform", "Reference"))
+    if name is None:
+        name = preferred
+    elif name == "auto":
+        return "CUDA" if "CUDA" in available else preferred
     if name not in available:
         raise ValueError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)}")
     return name
@@ -129,17 +134,18 @@ class OpenMMEnergy:
     """Energies of a system's conformations in kT, in-process (``workers=0``) or over a process pool.
 
     ``system``: a :class:`~rexmol.systems.System` or a shipped system's name. ``platform``: an OpenMM platform
-    name or ``"auto"``. ``workers``: number of worker processes (0: evaluate in this process). The pool starts
-    on first use; :meth:`close` (or ``with``) stops it.
+    name, ``"auto"`` (CUDA if present) or None (the system's spec choice). ``workers``: number of worker
+    processes (0: evaluate in this process). The pool starts on first use (``spawn``: a script that uses it
+    needs the usual ``if __name__ == "__main__":`` guard); :meth:`close` (or ``with``) stops it.
     """
 
-    def __init__(self, system: System | str, *, platform: str = "Reference", workers: int = 0):
+    def __init__(self, system: System | str, *, platform: str | None = None, workers: int = 0):
         from rexmol.systems import load_system
 
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.system = load_system(system) if isinstance(system, str) else system
-        self.platform = choose_platform(platform)
+        self.platform = choose_platform(platform, self.system)
         self.workers = workers
         self.kT = self.system.kT  # kJ/mol
         self._openmm_system = self.system.create_openmm_system()
@@ -239,11 +245,11 @@ def _like(x: Any, values: np.ndarray) -> Any:
     return values
 
 
-_BRIDGES: dict[tuple[Any, str, int], OpenMMEnergy] = {}
+_BRIDGES: dict[tuple[Any, str | None, int], OpenMMEnergy] = {}
 
 
 def evaluate(
-    x: Any, system: System | str, *, forces: bool = False, platform: str = "Reference", workers: int = 0
+    x: Any, system: System | str, *, forces: bool = False, platform: str | None = None, workers: int = 0
 ) -> EnergyResult:
     """Energies [B] in kT (float64; +inf and ``failed`` for bad samples) of coordinates [B, N, 3] in nm.
 

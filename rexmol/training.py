@@ -274,7 +274,7 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path) -> None:
     series: dict[str, list[tuple[int, float]]] = {}
     with open(metrics_csv) as fh:
         for row in csv.DictReader(fh):
-            for key in ("train/loss", "val/loss", "val/sample_energy_median_kT"):
+            for key in ("train/loss", "val/loss", "val/sample_energy_median_kT", "val/md_energy_median_kT"):
                 if row.get(key):
                     series.setdefault(key, []).append((int(row["step"]), float(row[key])))
     n_panels = 2 if "val/sample_energy_median_kT" in series else 1
@@ -295,11 +295,16 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     if n_panels == 2:
+        ax = axes[0, 1]
         s, v = np.array(series["val/sample_energy_median_kT"]).T
-        axes[0, 1].plot(s, v, "o-", color="C2", ms=3)
-        axes[0, 1].set_xlabel("step")
-        axes[0, 1].set_ylabel("median sample energy (kT), Euler samples")
-        axes[0, 1].grid(alpha=0.3)
+        ax.plot(s, v, "o-", color="C2", ms=3, label="model (Euler samples, EMA)")
+        if "val/md_energy_median_kT" in series:
+            ax.axhline(series["val/md_energy_median_kT"][0][1], color="k", ls="--", lw=1, label="MD validation")
+        ax.set_yscale("symlog", linthresh=100.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("median sample energy (kT)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)

@@ -16,7 +16,7 @@ def noisy_frames(system, n: int, scale: float = 0.003, seed: int = 0) -> np.ndar
     return system.positions[None] + scale * rng.standard_normal((n, system.n_atoms, 3))
 
 
-def direct_openmm(system, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def direct_openmm(system, frames: np.ndarray, platform: str) -> tuple[np.ndarray, np.ndarray]:
     """Energies [B] (kJ/mol) and forces [B, N, 3] (kJ/mol/nm) from OpenMM alone, built from the spec's files."""
     ff = system.spec["forcefield"]
     kwargs = {"nonbondedMethod": getattr(app, ff["nonbonded_method"]), "constraints": None}
@@ -24,7 +24,7 @@ def direct_openmm(system, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         kwargs["nonbondedCutoff"] = ff["cutoff_nm"] * unit.nanometer
     omm_system = app.ForceField(*ff["files"]).createSystem(app.PDBFile(str(system.pdb_path)).topology, **kwargs)
     context = openmm.Context(omm_system, openmm.VerletIntegrator(1.0 * unit.femtosecond),
-                             openmm.Platform.getPlatformByName("Reference"))
+                             openmm.Platform.getPlatformByName(platform))
     energies, forces = [], []
     for x in frames:
         context.setPositions([openmm.Vec3(*map(float, r)) for r in x] * unit.nanometer)
@@ -36,10 +36,13 @@ def direct_openmm(system, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("name", ["ala2", "ala3", "ala3-sbg"])
 def test_energies_and_forces_equal_direct_openmm_in_kT(name):
+    """Same platform on both sides; the direct side uses OpenMM's own gas constant and Quantity units."""
     system = load_system(name)
     frames = noisy_frames(system, 6)
     kT = (unit.MOLAR_GAS_CONSTANT_R * system.temperature * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
-    e_kj, f_kj = direct_openmm(system, frames)
+    platform = {"ala2": "Reference", "ala3": "Reference", "ala3-sbg": "CPU"}[name]  # the specs' measured choices
+    assert OpenMMEnergy(system).platform == platform
+    e_kj, f_kj = direct_openmm(system, frames, platform)
     result = evaluate(frames, name, forces=True)
     assert result.energy.dtype == np.float64 and result.energy.shape == (6,)
     assert not result.failed.any()
@@ -122,5 +125,6 @@ def test_bad_inputs_raise_clear_errors():
         evaluate(x, "ala4")
     with pytest.raises(ValueError, match="platform 'Quantum' is not available"):
         OpenMMEnergy(system, platform="Quantum")
+    assert OpenMMEnergy(system, platform="auto").platform in ("CUDA", "Reference")
     with pytest.raises(ValueError, match="workers"):
         OpenMMEnergy(system, workers=-1)

@@ -147,6 +147,20 @@ def test_rex_single_step_inverts_to_a_few_ulp(gauss, x0):
         assert (back.x - start).abs().max().item() <= 4 * ulp
 
 
+def test_rex_round_trip_float32_bound(gauss, x0):
+    """float32: velocity coordinates invert to a few ulp; data coordinates amplify round-off by about
+    (sigma_0 / sigma_N)^2 (here 100), which is the bound stated in the README."""
+    g32, x32 = GaussianFlow(gauss.mean.float(), gauss.std), x0.float()
+    ulp = torch.finfo(torch.float32).eps * x32.abs().max().item()
+    for kind, bound in (("velocity", 8 * ulp), ("data", 200 * ulp)):
+        t1 = 1.0 if kind == "velocity" else 0.9
+        for tableau in ("euler", "rk4", "dopri5"):
+            solver = rex(tableau, LawsonCoordinates(FlowMatching(), kind, "velocity"), g32.model("velocity"))
+            back = invert(solver, solve(solver, x32, FixedGrid.uniform_t(0.0, t1, 30)))
+            assert back.x.dtype == torch.float32
+            assert (back.x - x32).abs().max().item() <= bound, (kind, tableau)
+
+
 def test_rex_encodes_data_to_noise_and_back(gauss, x0):
     """Decreasing-t grids (data -> noise) invert exactly too, and decode to the start."""
     solver = rex("dopri5", LawsonCoordinates(FlowMatching(), "data", "velocity"), gauss.model("velocity"))

@@ -14,6 +14,8 @@ Exact implementations (``ExactTrace.METHODS``):
 - ``vjp-vmap``: ``torch.func.vjp`` once, the pull-back vmapped over chunks of directions.
 - ``jvp-vmap``: ``torch.func.jvp`` (forward mode) vmapped over chunks of directions; needs forward-AD formulas
   for every op (e.g. CPU ``scaled_dot_product_attention`` has none, then the method is skipped).
+- ``vjp-batch``: the directions become extra batch entries (x repeated c times, one forward and one backward per
+  chunk): more arithmetic, far fewer dispatches — the fastest for small models such as closed-form fields.
 
 All call an ``nn.Module`` through ``torch.func.functional_call`` with *detached* parameters under ``no_grad``, so
 no graph towards the weights is built (calling a module whose parameters require grad under vmap/jacrev was
@@ -70,6 +72,9 @@ class _Linearised:
         elif method == "jvp-vmap":
             self.kind = "col"
             self.out = None
+        elif method == "vjp-batch":
+            self.kind = "row"
+            self.out = None
         else:
             raise ValueError(f"unknown exact-trace method {method!r}; choose from {ExactTrace.METHODS}")
 
@@ -82,6 +87,15 @@ class _Linearised:
             with torch.no_grad():
                 return vmap(self._pull)(V)[0]
         f, x, t = self._f, self._x, self._t
+        if self.method == "vjp-batch":
+            c = V.shape[0]
+            with torch.enable_grad():
+                xr = x.detach().expand(c, *x.shape).reshape(c * x.shape[0], *x.shape[1:]).requires_grad_(True)
+                out = f(xr, t.repeat(c))
+                rows = torch.autograd.grad(out, xr, V.reshape(out.shape))[0]
+            if self.out is None:
+                self.out = out.detach()[: x.shape[0]]
+            return rows.reshape(V.shape)
         with torch.no_grad():
             out, cols = vmap(lambda v: jvp(lambda z: f(z, t), (x,), (v,)), out_dims=(None, 0))(V)
         if self.out is None:
@@ -129,7 +143,7 @@ class ExactTrace:
     a time but shares one forward).
     """
 
-    METHODS = ("vjp-loop", "vjp-vmap", "jvp-vmap")
+    METHODS = ("vjp-loop", "vjp-vmap", "jvp-vmap", "vjp-batch")
     exact = True
 
     def __init__(self, method: str = "auto", memory_budget: int = 2 << 30, chunk: int | None = None):

@@ -153,7 +153,10 @@ class BrownianTree:
             the solver's time here and the SDE's Brownian time in ``clock``.
         max_depth: depth of the finest dyadic level (1..52); points off the dyadic grid are resolved to a
             leaf of width ``(t1 - t0) / 2**max_depth``. Dyadic points are t0 + (t1 - t0) * k / 2**level
-            computed in that order (as ``FixedGrid.uniform_t`` does); a query within 4 ulp of one is that point.
+            computed in that order (as ``FixedGrid.uniform_t`` does).
+        snap: a query within ``snap * (t1 - t0)`` of a dyadic point (of level <= max_depth) is that point, so
+            grids computed through a round trip of conversions still land on tree nodes; default
+            ``min(1e-12, 2**-(max_depth + 3))``.
         cache_size: most nodes kept (LRU); default ``4 * max_depth + 8`` keeps a step's paths to the root.
         sample_offset: index of row 0 among all samples of this seed (for drawing a large run in chunks).
         dtype, device: of the returned tensors (values are computed in float64 with NumPy on the CPU).
@@ -168,6 +171,7 @@ class BrownianTree:
         *,
         clock: Callable[[float], float] | None = None,
         max_depth: int = 30,
+        snap: float | None = None,
         cache_size: int | None = None,
         sample_offset: int = 0,
         dtype: torch.dtype = torch.float64,
@@ -185,6 +189,9 @@ class BrownianTree:
             raise ValueError(f"shape must be (n_samples, *event_shape) with positive sizes, got {shape}")
         if not 1 <= int(max_depth) <= 52:
             raise ValueError(f"max_depth must be in 1..52 (float64 resolution), got {max_depth}")
+        snap = min(1e-12, 0.5 ** (int(max_depth) + 3)) if snap is None else float(snap)
+        if not 0.0 <= snap <= 0.5 ** (int(max_depth) + 2):
+            raise ValueError(f"snap must be in [0, 2**-(max_depth + 2)] so that distinct nodes stay apart, got {snap}")
         if int(sample_offset) < 0:
             raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
         self.seed = int(seed)
@@ -197,7 +204,7 @@ class BrownianTree:
         self.dtype = dtype
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self._span = t1 - t0
-        self._snap_tol = 4.0 * math.ulp(max(abs(t0), abs(t1)))
+        self._snap_tol = snap * self._span
         self._clock = clock if clock is not None else (lambda t: t)
         v0, v1 = self._clock_at(t0), self._clock_at(t1)
         if not v1 > v0:
@@ -262,7 +269,7 @@ class BrownianTree:
         return self._bound(level + 1, 2 * (code - (1 << level)) + 1)
 
     def _snap(self, u: float) -> float:
-        """The tree point a query time stands for: the dyadic point within 4 ulp of it, else itself."""
+        """The tree point a query time stands for: the dyadic point within the snap tolerance, else itself."""
         tol = self._snap_tol
         for end in (self.t0, self.t1):
             if abs(u - end) <= tol:

@@ -34,7 +34,9 @@ def model_output(model: Model, x: Tensor, t: float) -> Tensor:
     f = model(x, time_vector(t, x))
     if not isinstance(f, Tensor) or f.shape != x.shape:
         got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-        raise ValueError(f"model returned shape {got} for input of shape {tuple(x.shape)} at t={t!r}; expected same shape")
+        raise ValueError(
+            f"model returned shape {got} for input of shape {tuple(x.shape)} at t={t!r}; expected the same shape"
+        )
     return f
 
 

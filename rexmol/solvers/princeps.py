@@ -98,11 +98,6 @@ class Princeps:
         return Increment(increment=inc, error=err, nfe=nfe, first_stage=stages[0], last_stage=last)
 
 
-def scale_by(values: State, weights: tuple[float, ...]) -> State:
-    """Component-wise ``values_i * weights_i`` (a weight of 1.0 returns the tensor itself)."""
-    return tuple(v if w == 1.0 else v * w for v, w in zip(values, weights))
-
-
 class PrincepsSolver:
     """The non-reversible exponential RK solver: x_{n+1} = (w_{n+1}/w_n) x_n + w_{n+1} Psi_h(t_n, x_n).
 

@@ -9,13 +9,21 @@ with W a standard Brownian motion in rho. ``SDECoordinates`` supplies (rho, w) w
 ``LawsonCoordinates``, so ``ModelDynamics`` gives the drift D and ``RexSolver`` / ``solve`` / ``invert`` run
 unchanged. Euler-Maruyama in these coordinates is exactly SDE-DPM-Solver++(1) (SEEDS-1).
 
-``StochasticPsi`` reads W (and the space-time Levy area H for ShARK) from a ``BrownianTree`` whose clock is
-rho: ``psi(t_n, t_{n+1}, .)`` gets +W_n, the Psi_{-h} call ``psi(t_{n+1}, t_n, .)`` and the backward pass get
--W_n and the same H, with nothing stored per step. Singular ends: w is infinite where alpha = 0 (flow matching
-t = 0) and zero where sigma = 0 (t = 1), so solves run on [eps, 1 - eps].
+``StochasticPsi`` reads W (and the space-time Levy area H for ShARK) from a ``BrownianTree`` with clock rho
+and tree time log rho: ``psi(t_n, t_{n+1}, .)`` gets +W_n, the Psi_{-h} call ``psi(t_{n+1}, t_n, .)`` and the
+backward pass get -W_n and the same H, with nothing stored per step. Use grids uniform in log rho
+(``FixedGrid.uniform_log_varsigma(SDECoordinates(...), t0, t1, n)``): they are dyadic in the tree, and ShARK's
+shifted first stage x_n + w_n H stays O(sigma_n) there (a grid uniform in t has a last step over a huge rho
+range, where that shift is O(1)).
+
+Singular ends: w is infinite where alpha = 0 (flow matching t = 0) and zero where sigma = 0 (t = 1), so solves
+run on [eps, 1 - eps]. Conditioning of the inverse: Rex's one-step Jacobian on (x, x_hat) has determinant
+r_n^2, so the backward pass amplifies round-off by about J (w_0 / w_N)^2 (J: contraction of the forward map);
+w_0 / w_N is ~1e9 on flow matching [1e-3, 1 - 1e-3] (float64 round trip ~1e-2) and ~64 on [0.2, 0.8] (~1e-13).
 
 Noise prediction is not offered: with w = alpha its SDE is dy = 2 E d(sigma/alpha) + dW_{(sigma/alpha)^2},
-drift and noise on different clocks, which ShARK's additive-noise tableau does not cover.
+drift and noise on different clocks (ShARK's additive-noise tableau does not apply), and r_n > 1 makes Rex's
+parasitic mode grow in the forward pass.
 """
 from __future__ import annotations
 
@@ -148,29 +156,69 @@ def get_sde_method(name: str) -> AdditiveSRK:
     return SDE_METHODS[name]
 
 
+def _check_seed(seed) -> int:
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(
+            f"reversible SDE solvers need an integer seed (got {seed!r}): the backward pass re-queries the "
+            "same Brownian path from it"
+        )
+    return int(seed)
+
+
 class StochasticPsi:
-    """Psi of an additive-noise SRK ``method`` over ``dynamics`` (drift in ``SDECoordinates``), noise from
-    ``brownian`` (a ``BrownianTree`` on the SDE clock rho, shaped like the noise components).
+    """Psi of an additive-noise SRK ``method`` over ``dynamics`` (drift in ``SDECoordinates``), with the
+    Brownian path of ``seed`` on the solve interval ``t_span`` for noise of ``shape`` = x's ``(B, *event)``.
 
     Same call as ``Princeps``: ``psi(t_from, t_to, state, first_stage=None, with_error=False) -> Increment``,
     h = rho(t_to) - rho(t_from), W = the Brownian increment from t_from to t_to (so -W_n when t_to < t_from),
     H the space-time Levy area (orientation-free). Noise enters component 0 (the coordinates x); further
     components (e.g. a tangent) evolve by their drift alone.
+
+    The path is a ``BrownianTree`` (``self.brownian``) with tree time log rho and clock rho, so grids uniform
+    in log rho (``FixedGrid.uniform_log_varsigma(coords, ...)``, the recommended SDE grids) with 2^k steps land
+    on tree nodes. Row i of the noise is sample ``sample_offset + i`` of the seed.
     """
 
-    def __init__(self, method: AdditiveSRK, dynamics: Dynamics, brownian: BrownianTree):
+    def __init__(
+        self,
+        method: AdditiveSRK,
+        dynamics: Dynamics,
+        *,
+        seed: int | None,
+        t_span: tuple[float, float],
+        shape: tuple[int, ...],
+        sample_offset: int = 0,
+        max_depth: int = 30,
+    ):
         if not isinstance(dynamics.coords, SDECoordinates):
             raise ValueError(f"the SDE drift must use SDECoordinates, got {dynamics.coords!r}")
-        if not isinstance(brownian, BrownianTree):
-            raise ValueError(f"brownian must be a BrownianTree, got {type(brownian).__name__}")
         self.kinds = tuple(dynamics.kinds)
         if self.kinds[0] != "x":
             raise ValueError(f"the noisy component 0 must have weight kind 'x', got kinds {self.kinds}")
-        self.tableau, self.dynamics, self.brownian = method, dynamics, brownian
-        self.coords = dynamics.coords
+        self.tableau, self.dynamics, self.coords = method, dynamics, dynamics.coords
+        seed = _check_seed(seed)
+        lo, hi = sorted(float(t) for t in t_span)
+        if lo == hi:
+            raise ValueError(f"t_span must have two distinct times, got {t_span}")
+        self.coords.check_time(lo)
+        self.coords.check_time(hi)
+        self.t_span = (lo, hi)
+        self.brownian = BrownianTree(seed, self._log_rho(lo), self._log_rho(hi), tuple(shape), clock=math.exp,
+                                     max_depth=max_depth, sample_offset=sample_offset)
 
     def __repr__(self) -> str:
         return f"StochasticPsi({self.tableau.name}, {self.coords!r}, seed={self.brownian.seed})"
+
+    def _log_rho(self, t: float) -> float:
+        return math.log(float(self.coords.varsigma(t)))
+
+    def tree_time(self, t: float) -> float:
+        """The Brownian tree's time log rho(t) of a solver time t inside ``t_span``."""
+        lo, hi = self.t_span
+        if not lo <= t <= hi:
+            raise ValueError(f"time t={t!r} is outside the SDE solver's t_span [{lo}, {hi}] (its Brownian path)")
+        tree = self.brownian
+        return min(max(self._log_rho(t), tree.t0), tree.t1)  # rounding must not step outside the path
 
     @property
     def error_order(self) -> int:
@@ -190,10 +238,10 @@ class StochasticPsi:
         """(W, H) from t_from to t_to in x's dtype and device."""
         if tuple(x.shape) != self.brownian.shape:
             raise ValueError(
-                f"Brownian tree shape {self.brownian.shape} does not match the state's x of shape "
-                f"{tuple(x.shape)}; build the solver for this batch"
+                f"the Brownian path was built for x of shape {self.brownian.shape}, got {tuple(x.shape)}; "
+                "build the solver for this batch"
             )
-        W, H = self.brownian.increment(t_from, t_to)
+        W, H = self.brownian.increment(self.tree_time(t_from), self.tree_time(t_to))
         return W.to(x), H.to(x)
 
     def __call__(
@@ -229,28 +277,6 @@ class StochasticPsi:
         return Increment(increment=tuple(inc), error=err, nfe=nfe, first_stage=stages[0])
 
 
-def sde_brownian(
-    coords: SDECoordinates,
-    seed: int | None,
-    t_span: tuple[float, float],
-    shape: tuple[int, ...],
-    *,
-    sample_offset: int = 0,
-    max_depth: int = 30,
-) -> BrownianTree:
-    """The Brownian tree of a solve over ``t_span`` (either order) on the clock rho of ``coords``."""
-    if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(
-            f"reversible SDE solvers need an integer seed (got {seed!r}): the backward pass re-queries the "
-            "same Brownian path from it"
-        )
-    lo, hi = sorted(float(t) for t in t_span)
-    coords.check_time(lo)
-    coords.check_time(hi)
-    return BrownianTree(seed, lo, hi, tuple(shape), clock=lambda t: float(coords.varsigma(t)),
-                        max_depth=max_depth, sample_offset=sample_offset)
-
-
 SDE_SOLVER_NAMES = ("rex-euler-maruyama", "rex-shark")
 
 
@@ -279,7 +305,6 @@ def make_sde_solver(
         dynamics = ModelDynamics(dynamics, coords if coords is not None else SDECoordinates())
     elif coords is not None and coords is not dynamics.coords:
         raise ValueError("give coords only with a bare model; the dynamics already has its coordinates")
-    if not isinstance(dynamics.coords, SDECoordinates):
-        raise ValueError(f"the SDE drift must use SDECoordinates, got {dynamics.coords!r}")
-    brownian = sde_brownian(dynamics.coords, seed, t_span, shape, sample_offset=sample_offset, max_depth=max_depth)
-    return RexSolver(StochasticPsi(method, dynamics, brownian), zeta)
+    psi = StochasticPsi(method, dynamics, seed=seed, t_span=t_span, shape=shape, sample_offset=sample_offset,
+                        max_depth=max_depth)
+    return RexSolver(psi, zeta)
