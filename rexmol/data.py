@@ -98,7 +98,8 @@ class MDDataModule(L.LightningDataModule):
         manifest = load_manifest(self.data_dir)
         if manifest["system"] != self.system.name:
             raise ValueError(
-                f"dataset {self.data_dir} holds system {manifest['system']!r}, but the config asks for {self.system.name!r}"
+                f"dataset {self.data_dir} holds system {manifest['system']!r}, "
+                f"but the config asks for {self.system.name!r}"
             )
         n_top = dataset_topology(self.data_dir).n_atoms
         if n_top != self.system.n_atoms:

@@ -97,16 +97,18 @@ def evaluate_in_context(
             state = context.getState(getEnergy=True, getForces=forces)
             e = state.getPotentialEnergy()._value  # kJ/mol, OpenMM's internal unit
             if forces:
-                f = state.getForces(asNumpy=True)._value
+                force[i] = state.getForces(asNumpy=True)._value
         except openmm.OpenMMException:
             failed[i] = True
             continue
-        if not math.isfinite(e) or (forces and not np.isfinite(f).all()):
+        if math.isfinite(e):
+            energy[i] = e
+        else:
             failed[i] = True
-            continue
-        energy[i] = e
-        if forces:
-            force[i] = f
+    if forces:
+        failed |= ~np.isfinite(force).all(axis=(1, 2))
+        force[failed] = np.nan
+    energy[failed] = np.inf
     return energy, failed, force
 
 

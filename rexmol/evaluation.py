@@ -124,6 +124,8 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
         "n_excluded_e_w2_proposal": int((~finite_e).sum()),
         "t_w2_proposal": torus_w2(reference.angles, angles[finite_x]),
         "nfe": float(data["nfe"].mean()),
+        "s_per_sample": float(data["wall_seconds"].mean()),
+        "cpu_s_per_sample": float(data["cpu_seconds"].mean()),
         "energy_median_proposal": float(np.median(energy[finite_e])) if finite_e.any() else None,
         "energy_mean_md": float(reference.energy.mean()),
         "roundtrip_x_median": _nanstat(np.nanmedian, data["roundtrip_x"]),

@@ -44,7 +44,7 @@ class MDConfig:
     replicas: int
     seed: int
     chunk_ps: float = 100.0
-    platform: str = "Reference"
+    platform: str | None = None  # None: the system spec's measured choice (rexmol.energy.choose_platform)
     split_window_ns: float = 10.0
 
     def replica_seed(self, replica: int) -> int:
@@ -159,7 +159,9 @@ def run_replica(config: MDConfig, out: Path, index: int, progress=None) -> dict[
     replica = Replica(out, index)
     state = replica.state()
     replica.truncate_to_state(state)
-    context, integrator = make_simulation(system, seed, config.platform)
+    from rexmol.energy import choose_platform
+
+    context, integrator = make_simulation(system, seed, choose_platform(config.platform, system))
     if state["checkpoint"]:
         context.loadCheckpoint((out / state["checkpoint"]).read_bytes())
     else:  # minimise from the reference frame, then equilibrate (not recorded)

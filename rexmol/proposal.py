@@ -25,7 +25,7 @@ import torch
 
 from rexmol.sampling import ProposalBatch
 
-__all__ = ["TORCHDIFFEQ_SOLVERS", "ProposalSpec", "FlowProposal", "file_sha256"]
+__all__ = ["TORCHDIFFEQ_SOLVERS", "ProposalSpec", "FlowProposal", "file_sha256", "torchdiffeq_logq"]
 
 TORCHDIFFEQ_SOLVERS = ("torchdiffeq-dopri5",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -148,42 +148,53 @@ class FlowProposal:
                 None if cert is None else cert.logq_error)
 
     def _torchdiffeq(self, x0: torch.Tensor):
-        """dopri5 of torchdiffeq on (x, ell) in t with the exact divergence; backward solve for the certificate."""
-        import torchdiffeq
+        s = self.spec
+        return torchdiffeq_logq(self.generator.model, self.prior, x0, s.t0, s.t1, rtol=s.rtol, atol=s.atol,
+                                output=self.generator.output_kind, trace_method=s.trace_method,
+                                roundtrip=s.roundtrip)
 
-        from rexmol.likelihood.divergence import ExactTrace
-        from rexmol.solvers import FlowMatching, NonFiniteError, time_vector
 
-        s, model, schedule = self.spec, self.generator.model, FlowMatching()
-        output, k = self.generator.output_kind, self.prior.dim
-        basis = self.prior.basis(x0.dtype)
-        trace = ExactTrace(s.trace_method)
-        nfe = 0
+def torchdiffeq_logq(model, prior, x0: torch.Tensor, t0: float, t1: float, *, rtol: float, atol: float,
+                     output: str = "velocity", trace_method: str = "auto", roundtrip: bool = True):
+    """The published baseline: torchdiffeq dopri5 on (x, ell) in t (flow-matching path), exact divergence.
 
-        def rhs(t: torch.Tensor, state):
-            nonlocal nfe
-            nfe += 1
-            x = state[0]
-            f, tr = trace(model, x, time_vector(float(t), x), basis)
-            a, b = schedule.velocity_coeffs(float(t), output)
-            v, div = f * b + x * a, tr * b + a * k
-            if not (torch.isfinite(v).all() and torch.isfinite(div).all()):
-                raise NonFiniteError(f"non-finite velocity or divergence at t={float(t)!r}", float(t))
-            return v, -div
+    ``x0`` [B, *shape] on the prior's support. Returns ``(x1, log q [B], forward NFE, round-trip error of x0 [B]
+    or None, of log q [B] or None)``; the round trip integrates back from (x1, ell1) with the same tolerances.
+    """
+    import torchdiffeq
 
-        def integrate(state, t_from: float, t_to: float):
-            ts = torch.tensor([t_from, t_to], dtype=x0.dtype)
-            xs, ells = torchdiffeq.odeint(rhs, state, ts, method="dopri5", rtol=s.rtol, atol=s.atol)
-            return xs[-1], ells[-1]
+    from rexmol.likelihood.divergence import ExactTrace
+    from rexmol.solvers import FlowMatching, NonFiniteError, time_vector
 
-        with torch.no_grad():
-            x1, ell1 = integrate((x0, x0.new_zeros(x0.shape[0])), s.t0, s.t1)
-            forward_nfe = nfe
-            logq = self.prior.log_prob(x0) + ell1
-            if not s.roundtrip:
-                return x1, logq, forward_nfe, None, None
-            x0b, ell0b = integrate((x1, ell1), s.t1, s.t0)
-        x0b = self.prior.project(x0b)
-        rt_x = (x0b - x0).reshape(x0.shape[0], -1).abs().amax(-1)
-        rt_logq = (self.prior.log_prob(x0b) + ell1 - ell0b - logq).abs()
-        return x1, logq, forward_nfe, rt_x, rt_logq
+    schedule, k = FlowMatching(), prior.dim
+    basis = prior.basis(x0.dtype)
+    trace = ExactTrace(trace_method)
+    nfe = 0
+
+    def rhs(t: torch.Tensor, state):
+        nonlocal nfe
+        nfe += 1
+        x = state[0]
+        f, tr = trace(model, x, time_vector(float(t), x), basis)
+        a, b = schedule.velocity_coeffs(float(t), output)
+        v, div = f * b + x * a, tr * b + a * k
+        if not (torch.isfinite(v).all() and torch.isfinite(div).all()):
+            raise NonFiniteError(f"non-finite velocity or divergence at t={float(t)!r}", float(t))
+        return v, -div
+
+    def integrate(state, t_from: float, t_to: float):
+        ts = torch.tensor([t_from, t_to], dtype=x0.dtype)
+        xs, ells = torchdiffeq.odeint(rhs, state, ts, method="dopri5", rtol=rtol, atol=atol)
+        return xs[-1], ells[-1]
+
+    with torch.no_grad():
+        x1, ell1 = integrate((x0, x0.new_zeros(x0.shape[0])), t0, t1)
+        forward_nfe = nfe
+        logq = prior.log_prob(x0) + ell1
+        if not roundtrip:
+            return x1, logq, forward_nfe, None, None
+        x0b, ell0b = integrate((x1, ell1), t1, t0)
+    x0b = prior.project(x0b)
+    rt_x = (x0b - x0).reshape(x0.shape[0], -1).abs().amax(-1)
+    rt_logq = (prior.log_prob(x0b) + ell1 - ell0b - logq).abs()
+    return x1, logq, forward_nfe, rt_x, rt_logq

@@ -10,7 +10,7 @@ A run writes into one folder ``DIR``::
     summary.json             counts, ESS, NFE, timings
 
 Per-sample record: ``index, log_q, energy (kT), log_w, nfe, roundtrip_x, roundtrip_logq, energy_failed,
-nonfinite, wrong_chirality, batch``. ``log_w = -energy - log_q``; a sample whose solve, energy or log q is
+nonfinite, wrong_chirality, batch, wall_seconds, cpu_seconds`` (the last two: the batch's time / batch size). ``log_w = -energy - log_q``; a sample whose solve, energy or log q is
 not finite has ``nonfinite`` set and gets weight 0 downstream (it is counted, never dropped).
 
 Reproducibility: sample ``i`` starts from standard-normal draws generated from ``(seed, i)`` alone, and batch
@@ -47,7 +47,7 @@ __all__ = [
 
 FORMAT = "rexmol-samples/1"
 RECORD_FIELDS = ("index", "log_q", "energy", "log_w", "nfe", "roundtrip_x", "roundtrip_logq", "energy_failed",
-                 "nonfinite", "wrong_chirality", "batch")
+                 "nonfinite", "wrong_chirality", "batch", "wall_seconds", "cpu_seconds")
 # Coordinates beyond this many nm are an exploded sample, not a molecule (the energy bridge refuses them).
 EXPLODED_NM = 50.0
 
@@ -188,8 +188,10 @@ class SampleRun:
         return sum(len(batch_indices(self.n, self.batch_size, b)) for b in range(self.n_batches)
                    if self.batch_path(b).is_file())
 
-    def write_batch(self, b: int, record: dict[str, np.ndarray], seconds: float) -> None:
-        _write_npz_atomic(self.batch_path(b), {**record, "seconds": np.float64(seconds)})
+    def write_batch(self, b: int, record: dict[str, np.ndarray], seconds: float, cpu_seconds: float) -> None:
+        """Write batch ``b`` atomically with its wall and CPU (this process) time."""
+        _write_npz_atomic(self.batch_path(b), {**record, "seconds": np.float64(seconds),
+                                               "cpu_seconds": np.float64(cpu_seconds)})
 
     def finalize(self, system: System) -> dict[str, Any]:
         """Merge the batches into samples.npz, records.jsonl, samples.dcd + topology.pdb and summary.json."""
@@ -201,12 +203,16 @@ class SampleRun:
         missing = self.missing()
         if missing:
             raise ValueError(f"{self.out}: {len(missing)} of {self.n_batches} batches missing; rerun to resume")
-        parts, seconds = [], 0.0
+        parts, seconds, cpu = [], 0.0, 0.0
         for b in range(self.n_batches):
             with np.load(self.batch_path(b)) as f:
-                part = {k: f[k] for k in f.files if k != "seconds"}
+                part = {k: f[k] for k in f.files if k not in ("seconds", "cpu_seconds")}
                 seconds += float(f["seconds"])
-            part["batch"] = np.full(len(part["index"]), b, dtype=np.int64)
+                cpu += float(f["cpu_seconds"])
+                size = len(part["index"])
+                part["wall_seconds"] = np.full(size, float(f["seconds"]) / size)
+                part["cpu_seconds"] = np.full(size, float(f["cpu_seconds"]) / size)
+            part["batch"] = np.full(size, b, dtype=np.int64)
             parts.append(part)
         data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if not np.array_equal(data["index"], np.arange(self.n)):
@@ -231,6 +237,7 @@ class SampleRun:
             "n_energy_failed": int(data["energy_failed"].sum()),
             "n_wrong_chirality": int(data["wrong_chirality"].sum()),
             "nfe_mean": float(data["nfe"].mean()), "seconds": seconds, "s_per_sample": seconds / self.n,
+            "cpu_s_per_sample": cpu / self.n,
             "roundtrip_x_max": _nanmax(data["roundtrip_x"]), "roundtrip_logq_max": _nanmax(data["roundtrip_logq"]),
         }
         write_json(self.out / "summary.json", summary)
@@ -267,9 +274,9 @@ def run_rank(proposal: Proposal, out, n: int, batch_size: int, seed: int, rank: 
         for k, b in enumerate(mine):
             if stop_after is not None and k >= stop_after:
                 break
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             record = sample_batch(proposal, energy, seed, batch_indices(n, batch_size, b))
-            run.write_batch(b, record, time.perf_counter() - t0)
+            run.write_batch(b, record, time.perf_counter() - t0, time.process_time() - c0)
             bar.update(run.n_done() - bar.n)
     bar.close()
 

@@ -67,6 +67,8 @@ class FlowMatching(L.LightningModule):
         schedule_by: ``steps`` (decay over ``schedule_steps``, default the trainer's max_steps) or ``time``
             (decay over the trainer's ``max_time``: the right choice for a time-limited run).
         ema_decay: EMA of the weights (effective decay ``min(ema_decay, (1 + step) / (10 + step))``).
+        init_from: warm start from a generator file or checkpoint (its EMA weights and its data scale); the
+            architecture must match except for modules this model adds (zero-initialised, e.g. ``chirality``).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class FlowMatching(L.LightningModule):
         schedule_by: str = "steps",
         schedule_steps: int | None = None,
         ema_decay: float = 0.999,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -105,9 +108,28 @@ class FlowMatching(L.LightningModule):
         config = DiTConfig.from_size(size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                                      graph_bias=graph_bias, distance_bias=distance_bias)
         self.model = AtomDiT.for_system(self.system, config)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.register_buffer("data_scale", torch.zeros((), dtype=torch.float64))  # nm; 0 until the data sets it
         self.data_info: dict[str, Any] = {}
+        if init_from is not None:
+            self._warm_start(init_from)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+
+    def _warm_start(self, path: str) -> None:
+        from rexmol.models.checkpoint import load_generator
+
+        source = load_generator(path)
+        if source.system_name != self.system.name:
+            raise ValueError(f"init_from {path} is for system {source.system_name!r}, not {self.system.name!r}")
+        try:
+            missing, unexpected = self.model.load_state_dict(source.model.state_dict(), strict=False)
+        except RuntimeError as err:  # shape mismatch
+            raise ValueError(f"init_from {path}: architecture differs: {err}") from err
+        new_modules = [k for k in missing if not k.startswith(("chiral_",))]
+        if unexpected or new_modules:
+            raise ValueError(f"init_from {path}: architecture differs (missing {new_modules}, unexpected {unexpected})")
+        self.data_scale.fill_(source.scale)
+        self._init_source = {"init_from": str(path), "init_global_step": source.meta.get("global_step"),
+                             "init_scale_nm": source.scale}
 
     # -- data scale and provenance -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -117,9 +139,10 @@ class FlowMatching(L.LightningModule):
         if dm.system.n_atoms != self.system.n_atoms or dm.system.name != self.system.name:
             raise ValueError(f"data module holds system {dm.system.name!r} ({dm.system.n_atoms} atoms) but the model "
                              f"is for {self.system.name!r} ({self.system.n_atoms} atoms)")
-        if float(self.data_scale) == 0.0:  # fresh run; a resumed run keeps the scale it was trained with
+        if float(self.data_scale) == 0.0:  # fresh run; a resumed or warm-started run keeps its scale
             self.data_scale.fill_(dm.scale)
-            self.data_info = dict(dm.info)
+        if not self.data_info:  # a resumed run keeps the provenance it was trained with
+            self.data_info = {**dm.info, **getattr(self, "_init_source", {}), "scale_used_nm": float(self.data_scale)}
 
     def normalise(self, batch_nm: Tensor) -> Tensor:
         return batch_nm / self.data_scale.to(batch_nm.dtype)

@@ -132,7 +132,7 @@ def test_dyadic_grid_points_are_tree_nodes_and_memory_is_bounded():
         tree.increment(t, s)
     assert tree.n_cached <= tree.cache_size
     per_node = 2 * 3 * 4 * 8
-    assert tree.nbytes() <= (1 + tree.cache_size + 4) * per_node < 10 * small
+    assert tree.nbytes() <= (2 + tree.cache_size + 4) * per_node < 10 * small
 
 
 def test_snapping_to_dyadic_points():

@@ -50,8 +50,9 @@ def test_torch_func_exact_trace_matches_brute_force(system):
     _, pull = vjp(f, x)
     rows = vmap(lambda v: pull(v)[0])(basis)
     trace_vjp = torch.einsum("jbj->b", rows)
+    jacobian = torch.autograd.functional.jacobian
     brute = torch.stack([
-        torch.trace(torch.autograd.functional.jacobian(lambda z: model(z, t[b:b + 1]), x[b:b + 1], vectorize=True).reshape(99, 99))
+        torch.trace(jacobian(lambda z: model(z, t[b:b + 1]), x[b:b + 1], vectorize=True).reshape(99, 99))
         for b in range(2)
     ])
     torch.testing.assert_close(trace_jvp[:2], brute, rtol=0, atol=1e-12)
@@ -87,3 +88,16 @@ def test_config_errors():
         DiTConfig.from_size("tiny", width=3)
     with pytest.raises(ValueError, match="out of range"):
         graph_distances(3, [(0, 5)], 4)
+
+
+def test_handedness_feature_is_rotation_invariant_and_mirror_odd(system):
+    model = random_model(system)
+    x = torch.as_tensor(system.positions, dtype=torch.float64)[None] / 0.2
+    rot = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    rot = rot * torch.linalg.det(rot)  # proper rotation
+    chi = model._handedness(x)
+    torch.testing.assert_close(model._handedness(x @ rot.T), chi, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model._handedness(-x), -chi, rtol=0, atol=1e-12)
+    ca = [a.index for a in system.topology.atoms() if a.name == "CA"]
+    assert (chi[0, ca].abs() > 0.5).all()  # tetrahedral centres: clearly signed
+    assert chi[0, [a.index for a in system.topology.atoms() if a.element.symbol == "H"]].abs().max() == 0

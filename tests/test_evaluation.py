@@ -46,7 +46,8 @@ def _records_from_frames(frames: np.ndarray, system) -> tuple[dict, dict]:
               "batch_size": n, "seed": 0, "proposal": {"model": "MD frames", "solver": "none"}}
     data = {"x": frames.astype(np.float64), "energy": e, "log_q": np.zeros(n), "log_w": -e, "nfe": np.zeros(n),
             "roundtrip_x": np.full(n, np.nan), "roundtrip_logq": np.full(n, np.nan),
-            "energy_failed": ~np.isfinite(e), "index": np.arange(n)}
+            "energy_failed": ~np.isfinite(e), "index": np.arange(n), "wall_seconds": np.zeros(n),
+            "cpu_seconds": np.zeros(n)}
     return config, data
 
 

@@ -14,9 +14,10 @@ def test_wheel_contains_systems_and_cli(tmp_path):
     )
     (wheel,) = tmp_path.glob("rexmol-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for system in ("ala3",):
-        assert f"rexmol_systems/{system}/spec.toml" in names
-        assert f"rexmol_systems/{system}/topology.pdb" in names
+    for spec in ROOT.glob("systems/*/spec.toml"):
+        assert f"rexmol_systems/{spec.parent.name}/spec.toml" in names
+    for pdb in ROOT.glob("systems/*/*.pdb"):
+        assert f"rexmol_systems/{pdb.parent.name}/{pdb.name}" in names
     assert "rexmol/cli.py" in names
     for init in ROOT.glob("rexmol/**/__init__.py"):  # every subpackage is listed in pyproject's `packages`
         assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name} missing from the wheel"

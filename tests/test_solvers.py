@@ -57,13 +57,29 @@ def princeps(tableau: str, coords: LawsonCoordinates, model) -> PrincepsSolver:
 
 @pytest.mark.parametrize("name", list(TABLEAUS))
 def test_tableau_quadrature_conditions(name):
-    """sum_i b_i c_i^k = 1/(k+1) for k < order (and < embedded order for the embedded weights), exactly."""
+    """sum_i b_i c_i^k = 1/(k+1) for k < order (and < embedded order for the embedded weights), exactly
+    (Tsit5: to its 85-digit expansions, tolerance 1e-80)."""
     tab = TABLEAUS[name]
+    assert tab.tolerance <= Fraction(1, 10**80)
     for weights, order in [(tab.b, tab.order), (tab.b_embedded, tab.embedded_order)]:
         if weights is None:
             continue
         for k in range(order):
-            assert sum(b * c**k for b, c in zip(weights, tab.c)) == Fraction(1, k + 1)
+            assert abs(sum(b * c**k for b, c in zip(weights, tab.c)) - Fraction(1, k + 1)) <= tab.tolerance
+
+
+def test_tsit5_float64_views_are_the_published_values():
+    """Tsitouras (2011) float64 coefficients as printed in OrdinaryDiffEq.jl's Tsit5 (error weights there are
+    bhat - b, the negative of ``b_err_f``)."""
+    tab = TABLEAUS["tsit5"]
+    assert tab.c_f == (0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0)
+    assert tab.a_f[5] == (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
+                          -0.028269050394068383)
+    assert tab.b_f == (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+                       2.324710524099774, 0.0)
+    btilde = (-0.00178001105222577714, -0.0008164344596567469, 0.007880878010261995, -0.1447110071732629,
+              0.5823571654525552, -0.45808210592918697, 0.015151515151515152)
+    assert tab.b_err_f == pytest.approx([-x for x in btilde], rel=1e-15)  # printed to about 16 digits
 
 
 @pytest.mark.parametrize("schedule", [FlowMatching(), VP()], ids=["fm", "vp"])
@@ -129,7 +145,7 @@ def test_rex_round_trip_fixed_grid(gauss, x0, kind, t0, t1, tableau, zeta):
 def test_rex_round_trip_adaptive(gauss, x0, kind, t0, t1, tableau, zeta):
     solver = rex(tableau, LawsonCoordinates(FlowMatching(), kind, "velocity"), gauss.model("velocity"), zeta)
     start = gauss.flow(x0, 0.0, t0)
-    tol = {"bosh3": 1e-5, "dopri5": 1e-6}[tableau]  # about 5-30 accepted steps
+    tol = {"bosh3": 1e-5, "dopri5": 1e-6, "tsit5": 1e-6}[tableau]  # about 5-30 accepted steps
     sol = solve(solver, start, AdaptiveSteps(t0, t1, rtol=tol, atol=tol))
     back = invert(solver, sol)
     assert sol.accepted == len(sol.record.times) - 1 >= 4
@@ -220,7 +236,7 @@ def test_augmented_state_round_trip_and_log_density(gauss, x0, kind):
 # ---------------------------------------------------------------- convergence order
 
 ORDER_CASES = [("euler", (20, 40, 80), 0.9), ("midpoint", (20, 40, 80), 1.9), ("heun", (20, 40, 80), 1.9),
-               ("rk4", (20, 40, 80), 3.8), ("dopri5", (8, 16, 32), 4.5)]
+               ("rk4", (20, 40, 80), 3.8), ("dopri5", (8, 16, 32), 4.5), ("tsit5", (8, 16, 32), 4.5)]
 BOSH3_CASE = ("bosh3", (16, 32, 64), 2.8)  # not yet asymptotic on the Gaussian problem at these steps
 
 

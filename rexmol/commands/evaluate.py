@@ -1,10 +1,112 @@
-"""``rexmol evaluate``: not built yet; see the project's open issues."""
+"""``rexmol evaluate``: ESS, E-W2, T-W2 (proposal and reweighted) against held-out MD, a Table-6 table and plots.
+
+Two forms:
+
+- ``rexmol evaluate DIR --reference data/ala3 [--against DIR2 ...]``: evaluate finished sample folders.
+- ``rexmol evaluate --ckpt PATH --solvers dopri5,rex-dopri5 --n N --out OUT --reference data/ala3``: sample
+  with each solver from the same prior draws (same ``--seed``) into ``OUT/<solver>/`` (resumable), then
+  evaluate them together into ``OUT/report/``.
+"""
+from __future__ import annotations
+
 import argparse
+import re
+import time
+from pathlib import Path
+
+from rexmol.commands.sample import add_solver_options, proposal_spec
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``rexmol evaluate``."""
+    parser.add_argument("dir", nargs="?", type=Path, default=None, help="a finished sample folder")
+    parser.add_argument("--reference", type=Path, default=Path("data/ala3"), help="MD dataset made by `rexmol md`")
+    parser.add_argument("--against", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="further sample folders in the same table")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="reference split")
+    parser.add_argument("--max-reference", type=int, default=10_000,
+                        help="at most this many reference frames, evenly spaced (published protocol: 10^4)")
+    parser.add_argument("--published", type=Path, default=None,
+                        help="published results table (TOML/JSON); default evaluation/published_ala3.toml "
+                             "for ala3, none otherwise")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (DIR/report), or the root of the sample folders with --ckpt")
+    parser.add_argument("--ckpt", type=Path, default=None, help="sample this checkpoint with every --solvers entry")
+    parser.add_argument("--solvers", default="dopri5,rex-dopri5",
+                        help="comma-separated solver names for --ckpt (e.g. torchdiffeq-dopri5,dopri5,rex-dopri5)")
+    parser.add_argument("--n", type=int, default=256, help="samples per solver with --ckpt")
+    add_solver_options(parser)
+
+
+def _folder_name(solver: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", solver)
+
+
+def sample_solvers(args: argparse.Namespace) -> list[Path]:
+    """Sample ``args.ckpt`` with each solver of ``args.solvers`` into ``args.out/<solver>``; returns the folders."""
+    from rexmol.sampling import sample
+
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    if not solvers:
+        raise ValueError("--solvers names no solver")
+    if args.out is None:
+        raise ValueError("--out DIR is required with --ckpt (sample folders and the report go there)")
+    if args.n < 1 or args.batch_size < 1:
+        raise ValueError("--n and --batch-size must be >= 1")
+    specs = [proposal_spec(args, solver) for solver in solvers]
+    for spec in specs:  # fail fast: bad checkpoint, unknown solver, singular end time
+        spec.build()
+    dirs = []
+    for solver, spec in zip(solvers, specs):
+        out = args.out / _folder_name(solver)
+        sample(spec.build, out, args.n, args.batch_size, args.seed, processes=args.processes, quiet=args.quiet)
+        dirs.append(out)
+    return dirs
+
+
+def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split: str = "test",
+                     max_reference: int | None = 10_000, published: Path | None = None, seed: int = 0,
+                     extra: dict | None = None) -> str:
+    """Evaluate sample folders against one reference and write the report into ``out``; returns the Markdown."""
+    from rexmol.evaluation import check_system_match, evaluate_run, load_reference, write_report
+    from rexmol.report import DEFAULT_PUBLISHED, load_published
+    from rexmol.sampling import load_samples
+    from rexmol.systems import load_system
+
+    if max_reference is not None and max_reference < 1:
+        raise ValueError("--max-reference must be >= 1")
+    runs = [(d, *load_samples(d)) for d in dirs]
+    system = load_system(runs[0][1]["system"])
+    for d, config, _ in runs:
+        check_system_match(config, system, str(d))
+    reference = load_reference(reference_dir, system, split=split, max_frames=max_reference)
+    rows, arrays = [], []
+    for d, config, data in runs:
+        row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d))
+        rows.append({**row, "folder": str(d)})
+        arrays.append(arr)
+    if published is None and system.name == "ala3":
+        published = DEFAULT_PUBLISHED
+    table = load_published(published) if published is not None else None
+    return write_report(out, rows, arrays, reference, table, extra)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("see the open issues")
+    start = time.perf_counter()
+    if args.ckpt is not None:
+        if args.dir is not None:
+            raise ValueError("give either a sample folder DIR or --ckpt (which samples into --out), not both")
+        dirs = sample_solvers(args) + list(args.against)
+        out = args.out / "report"
+    else:
+        if args.dir is None:
+            raise ValueError("give a sample folder DIR (made by `rexmol sample`) or --ckpt PATH")
+        dirs = [args.dir, *args.against]
+        out = args.out if args.out is not None else args.dir / "report"
+    text = evaluate_folders(dirs, args.reference, out, split=args.split, max_reference=args.max_reference,
+                            published=args.published, seed=args.seed,
+                            extra={"evaluate_wall_seconds": time.perf_counter() - start})
+    if not args.quiet:
+        print(text)
+        print(f"report: {out}/report.md, report.json and plots")
+    return 0

@@ -15,7 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: cores)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (rerun to resume)")
     parser.add_argument("--chunk-ps", type=float, default=100.0, help="frames committed per chunk (ps)")
-    parser.add_argument("--platform", default="Reference", help="OpenMM platform (Reference is fastest here)")
+    parser.add_argument("--platform", default=None,
+                        help="OpenMM platform (default: the system's measured choice; 'auto' prefers CUDA)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,18 +1,28 @@
 """``rexmol roundtrip``: solve forward then backward and report each solver's round-trip error.
 
 On ``--model gaussian`` (flow matching of N(m, s^2 I), closed-form velocity and flow map) it also reports the
-error of x_N against the exact map. One result per (solver, steps); solvers whose tableau has an embedded pair
-run adaptively with ``--rtol/--atol`` (one result per rtol) unless ``--adaptive never``.
+error of x_N against the exact map. On ``--model PATH`` (a DiT generator file or ``rexmol train`` checkpoint) x_0
+is drawn from the mean-free Gaussian prior in normalised units and the states are the flattened [B, 3N] frames;
+there is no exact map (``error_vs_exact`` null). One result per (solver, steps); solvers whose tableau has an
+embedded pair run adaptively with ``--rtol/--atol`` (one result per rtol) unless ``--adaptive never``.
+The reversible SDE solvers ``rex-euler-maruyama`` / ``rex-shark`` (rexmol.solvers.sde) run on fixed grids with the
+Brownian path of ``--seed``; they have no exact map either.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from rexmol.likelihood.priors import MeanFreeGaussian
+from rexmol.models.checkpoint import load_generator
 from rexmol.models.gaussian import GaussianFlow
 from rexmol.solvers import (
     TABLEAUS,
@@ -24,6 +34,7 @@ from rexmol.solvers import (
     make_solver,
     solve,
 )
+from rexmol.solvers.sde import SDE_SOLVER_NAMES, SDECoordinates, make_sde_solver
 
 DEFAULT_SOLVERS = ["euler", "midpoint", "rk4", "dopri5", "princeps-rk4", "rex-euler", "rex-midpoint", "rex-rk4",
                    "rex-dopri5"]
@@ -32,15 +43,17 @@ DEFAULT_SOLVERS = ["euler", "midpoint", "rk4", "dopri5", "princeps-rk4", "rex-eu
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``rexmol roundtrip``."""
     parser.add_argument("--model", default="gaussian",
-                        help="'gaussian' (closed-form flow matching of N(m, s^2 I)) or a checkpoint path")
+                        help="'gaussian' (closed-form flow matching of N(m, s^2 I)) or a DiT checkpoint path "
+                             "(generator.pt or a `rexmol train` .ckpt)")
     parser.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS, metavar="NAME",
-                        help="euler midpoint heun rk4 bosh3 dopri5 (plain RK in t), princeps-<tableau>, "
-                             f"rex-<tableau>; tableaux: {' '.join(TABLEAUS)}")
+                        help="<tableau> (plain RK in t), princeps-<tableau>, rex-<tableau> with tableaux "
+                             f"{' '.join(TABLEAUS)}; reversible SDE solvers {' '.join(SDE_SOLVER_NAMES)} "
+                             "(fixed grids; use --t0 1e-3 --grid log-varsigma)")
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50], help="fixed-grid step counts")
     parser.add_argument("--rtol", nargs="+", type=float, default=[1e-5], help="relative tolerance(s), adaptive")
     parser.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: equal to rtol)")
     parser.add_argument("--adaptive", choices=["auto", "never"], default="auto",
-                        help="auto: tableaux with an embedded pair (dopri5, bosh3) step adaptively")
+                        help="auto: tableaux with an embedded pair (bosh3, dopri5, tsit5) step adaptively")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--lawson", choices=["data", "noise", "velocity"], default="data",
                         help="Lawson coordinates of princeps-/rex- solvers (plain names always integrate in t)")
@@ -50,23 +63,62 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t0", type=float, default=0.0, help="start time (0 = noise)")
     parser.add_argument("--t1", type=float, default=0.99, help="end time (1 = data; data-kind Lawson needs < 1)")
     parser.add_argument("--batch", type=int, default=256, help="number of samples")
-    parser.add_argument("--dim", type=int, default=3, help="dimension of the Gaussian model")
-    parser.add_argument("--data-std", type=float, default=0.5, help="s of the Gaussian data N(m, s^2 I)")
+    parser.add_argument("--dim", type=int, default=3, help="dimension of the Gaussian model (gaussian only)")
+    parser.add_argument("--data-std", type=float, default=0.5,
+                        help="s of the Gaussian data N(m, s^2 I) (gaussian only)")
     parser.add_argument("--json", action="store_true", help="one JSON object per (solver, steps)")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="round-trip error slopegraph across step counts (log10 axis)")
 
 
-def _load_model(spec: str, dim: int, data_std: float, seed: int, dtype: torch.dtype):
-    if spec == "gaussian":
-        gen = torch.Generator().manual_seed(seed + 1)
-        mean = torch.randn(dim, generator=gen, dtype=torch.float64).to(dtype)
-        gauss = GaussianFlow(mean, data_std)
-        return gauss.model("velocity"), gauss
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"--model {spec}: no such file (use --model gaussian)")
-    raise ValueError(f"--model {spec}: trained checkpoints are not available until the DiT model issue lands; "
-                     "use --model gaussian")
+@dataclass
+class Problem:
+    """What a round trip needs: ``model(x [B, d], t [B]) -> [B, d]`` of kind ``output``, start ``x0`` [B, d] in
+    the requested dtype, and the exact end point [B, d] (float64) where the flow map is closed form, else None."""
+
+    model: Callable[[Tensor, Tensor], Tensor]
+    output: str
+    x0: Tensor
+    exact: Tensor | None
+
+
+def gaussian_problem(args: argparse.Namespace, dtype: torch.dtype) -> Problem:
+    """Flow matching of N(m, s^2 I) in ``--dim`` dimensions; x0 ~ N(0, I)."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    mean = torch.randn(args.dim, generator=gen, dtype=torch.float64).to(dtype)
+    gauss = GaussianFlow(mean, args.data_std)
+    x0 = torch.randn(args.batch, args.dim, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    x0 = x0.to(dtype)
+    return Problem(gauss.model("velocity"), "velocity", x0, gauss.flow(x0.double(), args.t0, args.t1))
+
+
+def checkpoint_problem(path: Path, args: argparse.Namespace, dtype: torch.dtype) -> Problem:
+    """A trained DiT (normalised units); x0 from its mean-free Gaussian prior, flattened to [B, 3N].
+
+    The DiT takes flattened frames [B, 3N] (atom-major) as they are, so no reshaping wrapper is needed.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {path}: no such file (use --model gaussian or a checkpoint path)")
+    try:
+        gen = load_generator(path)
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        raise ValueError(f"--model {path}: not a readable rexmol checkpoint ({type(err).__name__}: {err})") from None
+    if gen.sigma_min != 0.0:
+        raise ValueError(f"--model {path}: sigma_min = {gen.sigma_min}, but the solvers assume the path "
+                         "x_t = t x_1 + (1 - t) x_0 (sigma_min = 0)")
+    gen.to(dtype)
+    prior = MeanFreeGaussian(gen.n_atoms, 3)
+    x0 = prior.sample(args.batch, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    return Problem(gen.model, gen.output_kind, x0.reshape(args.batch, gen.dim).to(dtype), None)
+
+
+def _make_solver(name: str, problem: Problem, coords: LawsonCoordinates, args: argparse.Namespace):
+    """ODE names via ``make_solver``; the SDE names also need the seed, the time span and the batch shape."""
+    if name in SDE_SOLVER_NAMES:
+        return make_sde_solver(name, problem.model, seed=args.seed, t_span=(args.t0, args.t1),
+                               shape=tuple(problem.x0.shape), coords=SDECoordinates(coords.schedule, coords.output),
+                               zeta=args.zeta)
+    return make_solver(name, problem.model, coords, zeta=args.zeta)
 
 
 def _grid(kind: str, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> FixedGrid:
@@ -93,14 +145,16 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.dim < 1:
         raise ValueError("--batch and --dim must be positive")
     dtype = getattr(torch, args.dtype)
-    model, gauss = _load_model(args.model, args.dim, args.data_std, args.seed, dtype)
-    coords = LawsonCoordinates(FlowMatching(), kind=args.lawson, output="velocity")
-    x0 = torch.randn(args.batch, args.dim, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    x0 = x0.to(dtype)
-    exact = gauss.flow(x0.double(), args.t0, args.t1) if gauss is not None else None
+    if args.model == "gaussian":
+        problem = gaussian_problem(args, dtype)
+    else:
+        problem = checkpoint_problem(Path(args.model), args, dtype)
+    coords = LawsonCoordinates(FlowMatching(), kind=args.lawson, output=problem.output)
+    x0 = problem.x0
     results = []
     for name, adaptive, value in _runs(args):
-        solver = make_solver(name, model, coords, zeta=args.zeta)
+        solver = _make_solver(name, problem, coords, args)
+        exact = None if name in SDE_SOLVER_NAMES else problem.exact
         if adaptive:
             atol = value if args.atol is None else args.atol
             steps = AdaptiveSteps(args.t0, args.t1, rtol=value, atol=atol)

@@ -40,11 +40,12 @@ def main(argv: list[str]) -> int:
     from rexmol.data import MDDataModule
     from rexmol.training import FlowMatching
 
+    # argv is handed over by the top-level cli, so Lightning's "args and sys.argv both given" warning is noise
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     try:
         cli = _cli_class()(
-            FlowMatching, MDDataModule, run=False, args=argv, auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "rexmol train", "description": __doc__},
+            FlowMatching, MDDataModule, run=False, args=argv, auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "rexmol train", "description": __doc__},
         )
         if cli.config.threads > 0:
             torch.set_num_threads(cli.config.threads)

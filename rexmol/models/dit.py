@@ -25,9 +25,9 @@ from torch import Tensor, nn
 FEATURE_NAMES = ("element", "atom_name", "residue_index", "residue_name", "chain_position")
 
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden": 32, "depth": 2, "heads": 2, "mlp_ratio": 2},
-    "small": {"hidden": 128, "depth": 4, "heads": 4, "mlp_ratio": 2},
-    "base": {"hidden": 256, "depth": 8, "heads": 8, "mlp_ratio": 4},
+    "tiny": {"hidden": 32, "depth": 2, "heads": 2, "mlp_ratio": 2, "chirality": True},
+    "small": {"hidden": 128, "depth": 4, "heads": 4, "mlp_ratio": 2, "chirality": True},
+    "base": {"hidden": 256, "depth": 8, "heads": 8, "mlp_ratio": 4, "chirality": True},
 }
 
 
@@ -45,6 +45,9 @@ class DiTConfig:
     n_rbf: int = 16
     rbf_max: float = 4.0  # largest radial-basis centre, normalised units
     time_frequencies: int = 64
+    # signed-volume (handedness) feature of every atom with >= 3 bonded neighbours; the presets switch it on,
+    # the False default keeps configs saved before it existed loadable
+    chirality: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -92,6 +95,17 @@ def graph_distances(n_atoms: int, bonds: list[tuple[int, int]], max_hops: int) -
     return hops
 
 
+def chirality_quads(n_atoms: int, bonds: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms with >= 3 bonded neighbours [K] and, for each, its three lowest-index neighbours [K, 3]."""
+    neighbours: list[list[int]] = [[] for _ in range(n_atoms)]
+    for i, j in bonds:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    centres = [i for i in range(n_atoms) if len(neighbours[i]) >= 3]
+    quads = [sorted(neighbours[i])[:3] for i in centres]
+    return np.array(centres, dtype=np.int64), np.array(quads, dtype=np.int64).reshape(len(centres), 3)
+
+
 def timestep_embedding(t: Tensor, n_frequencies: int) -> Tensor:
     """Sinusoidal features [B, 2 n] of ``t`` [B] in [0, 1] (periods from 2*pi/1000 to 2*pi)."""
     freqs = torch.exp(-math.log(1000.0) * torch.arange(n_frequencies, dtype=t.dtype, device=t.device) / n_frequencies)
@@ -124,7 +138,8 @@ class Block(nn.Module):
         """``h`` [B, N, D], ``c`` [B, D], ``bias`` [B or 1, H, N, N] -> [B, N, D]."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         b, n, d = h.shape
-        q, k, v = self.qkv(modulate(self.norm1(h), shift1, scale1)).reshape(b, n, 3, self.heads, d // self.heads).unbind(2)
+        qkv = self.qkv(modulate(self.norm1(h), shift1, scale1))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, N, dh]
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias
         attn = torch.softmax(scores, dim=-1) @ v
@@ -151,6 +166,18 @@ class AtomDiT(nn.Module):
             self.register_buffer(f"feat_{name}", torch.as_tensor(values))
             self.add_module(f"emb_{name}", nn.Embedding(int(values.max()) + 1, d))
         self.coord_embed = nn.Linear(3, d)
+        if config.chirality:
+            centres, neighbours = chirality_quads(n_atoms, bonds)
+            self.register_buffer("chiral_centres", torch.as_tensor(centres))
+            self.register_buffer("chiral_neighbours", torch.as_tensor(neighbours))
+            select = torch.zeros(n_atoms, max(len(centres), 1))
+            select[centres, torch.arange(len(centres))] = 1.0
+            self.register_buffer("chiral_select", select[:, : len(centres)])  # [N, K] one-hot
+            self.chiral_embed = nn.Linear(1, d)
+            nn.init.zeros_(self.chiral_embed.weight)
+            nn.init.zeros_(self.chiral_embed.bias)
+        else:
+            self.chiral_embed = None
         self.time_mlp = nn.Sequential(nn.Linear(2 * config.time_frequencies, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio) for _ in range(config.depth))
         n_bias = config.depth * config.heads
@@ -177,6 +204,17 @@ class AtomDiT(nn.Module):
         """Build for a :class:`rexmol.systems.System` (features and bonds from its topology)."""
         bonds = [(b[0].index, b[1].index) for b in system.topology.bonds()]
         return cls(config, system.atom_features(), bonds)
+
+    def _handedness(self, x: Tensor) -> Tensor:
+        """Normalised signed volume [B, N] at each atom with >= 3 bonded neighbours (0 elsewhere), in [-1, 1].
+
+        Rotation invariant and odd under reflection: what tells the network a C-alpha's handedness.
+        """
+        centre = x[:, self.chiral_centres, None, :]  # [B, K, 1, 3]
+        v = x[:, self.chiral_neighbours, :] - centre  # [B, K, 3, 3]
+        volume = (v[:, :, 0] * torch.linalg.cross(v[:, :, 1], v[:, :, 2], dim=-1)).sum(-1)  # [B, K]
+        norms = torch.sqrt(((v * v).sum(-1) + 1e-6).prod(-1))
+        return (volume / norms) @ self.chiral_select.T
 
     def _attention_bias(self, x: Tensor) -> Tensor:
         """Additive bias [B or 1, depth, H, N, N] from bonded hops and (optionally) interatomic distances."""
@@ -205,6 +243,8 @@ class AtomDiT(nn.Module):
         tb = t.to(x.dtype).reshape(-1).expand(xb.shape[0])
         xb = xb - xb.mean(dim=1, keepdim=True)
         h = self.coord_embed(xb)
+        if self.chiral_embed is not None:
+            h = h + self.chiral_embed(self._handedness(xb)[..., None])
         for name in FEATURE_NAMES:
             h = h + getattr(self, f"emb_{name}")(getattr(self, f"feat_{name}"))[None]
         c = self.time_mlp(timestep_embedding(tb, self.config.time_frequencies))
