@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
                       chunk_ps=args.chunk_ps, platform=args.platform)
     command = "rexmol " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     manifest = run_md(config, args.out, workers=args.workers, quiet=args.quiet, command=command)
+    from rexmol.dataset_summary import summarise_dataset
+
+    summarise_dataset(args.out)  # summary.json + ramachandran.png
     if not args.quiet:
         print(f"{args.out}: {manifest['total_ns']:.3f} ns in {len(manifest['replicas'])} replicas")
     return 0
