@@ -82,7 +82,7 @@ def _fmt(value, digits: int = 3) -> str:
         return "inf"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
-    return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
 def markdown_table(runs: list[dict], published: dict | None = None) -> str:
