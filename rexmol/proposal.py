@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,13 @@ class ProposalSpec:
     dtype: str = "float64"
     zeta: float = 1.0
     roundtrip: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {tuple(DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; choose 'cpu' or 'cuda'")
         if not 0.0 <= self.t0 < self.t1 <= 1.0:
             raise ValueError(f"need 0 <= t0 < t1 <= 1, got t0={self.t0}, t1={self.t1}")
         if self.steps is not None and self.steps < 1:
@@ -91,6 +95,15 @@ class ProposalSpec:
         return FlowProposal(self, gen, file_sha256(self.ckpt))
 
 
+def _torch_device(name: str) -> torch.device:
+    """``cpu``, or the CUDA device of this rank (``LOCAL_RANK`` modulo the visible GPUs)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 class FlowProposal:
     """Callable ``proposal(z [B, N, 3]) -> ProposalBatch`` for a loaded generator; see the module doc."""
 
@@ -98,7 +111,8 @@ class FlowProposal:
         from rexmol.likelihood.priors import MeanFreeGaussian
         from rexmol.solvers import FlowMatching, LawsonCoordinates, make_solver
 
-        self.spec, self.generator = spec, generator.to(DTYPES[spec.dtype])
+        self.device = _torch_device(spec.device)
+        self.spec, self.generator = spec, generator.to(device=self.device, dtype=DTYPES[spec.dtype])
         self.system = generator.system
         if generator.sigma_min != 0.0:
             raise ValueError(f"checkpoint has sigma_min={generator.sigma_min}; the solvers assume the path sigma_min=0")
@@ -122,18 +136,18 @@ class FlowProposal:
 
     def __call__(self, z: np.ndarray) -> ProposalBatch:
         dtype = DTYPES[self.spec.dtype]
-        x0 = self.prior.project(torch.as_tensor(z, dtype=dtype))
+        x0 = self.prior.project(torch.as_tensor(z, dtype=dtype, device=self.device))
         if self.spec.solver in TORCHDIFFEQ_SOLVERS:
             x, logq, nfe, rt_x, rt_logq = self._torchdiffeq(x0)
         else:
             x, logq, nfe, rt_x, rt_logq = self._rex_family(x0)
         b = x0.shape[0]
-        x_nm = self.generator.to_nm(x.detach()).to(torch.float64).numpy()
+        x_nm = self.generator.to_nm(x.detach()).to("cpu", torch.float64).numpy()
         return ProposalBatch(
-            x=x_nm, log_q=logq.detach().to(torch.float64).numpy() - self.log_scale_jacobian,
+            x=x_nm, log_q=logq.detach().to("cpu", torch.float64).numpy() - self.log_scale_jacobian,
             nfe=np.full(b, nfe, dtype=np.int64),
-            roundtrip_x=np.full(b, np.nan) if rt_x is None else rt_x.to(torch.float64).numpy(),
-            roundtrip_logq=np.full(b, np.nan) if rt_logq is None else rt_logq.to(torch.float64).numpy(),
+            roundtrip_x=np.full(b, np.nan) if rt_x is None else rt_x.to("cpu", torch.float64).numpy(),
+            roundtrip_logq=np.full(b, np.nan) if rt_logq is None else rt_logq.to("cpu", torch.float64).numpy(),
         )
 
     def _rex_family(self, x0: torch.Tensor):
@@ -167,7 +181,7 @@ def torchdiffeq_logq(model, prior, x0: torch.Tensor, t0: float, t1: float, *, rt
     from rexmol.solvers import FlowMatching, NonFiniteError, time_vector
 
     schedule, k = FlowMatching(), prior.dim
-    basis = prior.basis(x0.dtype)
+    basis = prior.basis(x0.dtype, x0.device)
     trace = ExactTrace(trace_method)
     nfe = 0
 
@@ -183,7 +197,7 @@ def torchdiffeq_logq(model, prior, x0: torch.Tensor, t0: float, t1: float, *, rt
         return v, -div
 
     def integrate(state, t_from: float, t_to: float):
-        ts = torch.tensor([t_from, t_to], dtype=x0.dtype)
+        ts = torch.tensor([t_from, t_to], dtype=x0.dtype, device=x0.device)
         xs, ells = torchdiffeq.odeint(rhs, state, ts, method="dopri5", rtol=rtol, atol=atol)
         return xs[-1], ells[-1]
 

@@ -182,9 +182,11 @@ def plot_energy_histograms(path, e_md: np.ndarray, runs: list[tuple[str, np.ndar
         n_out = int(keep.sum() - inside.sum())
         n_bad = int((~np.isfinite(e)).sum())
         weights = None if w is None else np.asarray(w, dtype=np.float64)[inside]
+        text = f"{label} ({n_out} outside, {n_bad} non-finite)"
         if inside.any() and (weights is None or weights.sum() > 0):
-            ax.hist(e[inside], bins=bins, weights=weights, density=True, histtype="step", lw=1.4,
-                    label=f"{label} ({n_out} outside, {n_bad} non-finite)")
+            ax.hist(e[inside], bins=bins, weights=weights, density=True, histtype="step", lw=1.4, label=text)
+        else:
+            ax.plot([], [], label=text)
     ax.set_xlabel("energy (kT)")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)

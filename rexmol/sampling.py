@@ -293,6 +293,7 @@ def _rank_main(rank: int, world: int, port: int, make_proposal: Callable[[], Pro
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # a CUDA proposal picks its GPU from it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         proposal = make_proposal()

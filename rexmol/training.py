@@ -337,8 +337,9 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path) -> None:
 class SampleEnergies(Callback):
     """After each validation: ``n_samples`` Euler samples (``n_steps``, EMA model) -> OpenMM energies (kT).
 
-    Logs the median sample energy, the fraction of finite energies, the median MD-validation energy (once) and
-    the RMS bond-length error against the system's reference frame (nm): local geometry is what limits ESS.
+    Logs the median sample energy, the fraction of finite energies, the median MD-validation energy (once), the
+    RMS bond-length error against the system's reference frame (nm) and the fraction of samples with a
+    wrongly handed C-alpha: local geometry is what limits ESS.
     Velocity-output models only (a cheap diagnostic, not the project's sampler).
     """
 
@@ -350,6 +351,7 @@ class SampleEnergies(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or module.hparams.output_kind != "velocity":
             return
         from rexmol.energy import evaluate
+        from rexmol.geometry import wrong_handedness
 
         system = module.system
         g = torch.Generator().manual_seed(self.seed)
@@ -369,6 +371,7 @@ class SampleEnergies(Callback):
             "val/sample_energy_median_kT": float(np.median(energy)) if finite.any() else float("inf"),
             "val/sample_energy_finite": float(finite.mean()),
             "val/sample_bond_rmse_nm": float(np.sqrt(((got - ref) ** 2).mean())),
+            "val/sample_wrong_handedness": float(wrong_handedness(x_nm, system).any(axis=1).mean()),
         }
         if self._md_energy is None:
             frames = trainer.datamodule.val_set.frames[: self.n_samples].double().numpy()

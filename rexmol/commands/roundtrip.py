@@ -188,11 +188,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(results: list[dict]) -> None:
-    print(f"{'solver':<16}{'steps':>6}{'nfe':>7}  {'round-trip':>10}  {'vs exact':>10}  dtype")
+    print(f"{'solver':<20}{'steps':>6}{'nfe':>7}  {'round-trip':>10}  {'vs exact':>10}  dtype")
     for r in results:
         exact = "-" if r["error_vs_exact"] is None else f"{r['error_vs_exact']:.2e}"
         label = r["solver"] + (f" @{r['rtol']:g}" if r["adaptive"] else "")
-        print(f"{label:<16}{r['steps']:>6}{r['nfe']:>7}  {r['max_abs_error']:>10.2e}  {exact:>10}  {r['dtype']}")
+        print(f"{label:<20}{r['steps']:>6}{r['nfe']:>7}  {r['max_abs_error']:>10.2e}  {exact:>10}  {r['dtype']}")
 
 
 def _plot(results: list[dict], path: Path, step_ticks: list[int], dtype: str) -> None:

@@ -30,6 +30,8 @@ def add_solver_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zeta", type=float, default=1.0, help="Rex coupling in (0, 1]")
     parser.add_argument("--no-roundtrip", action="store_true",
                         help="skip the backward pass that certifies each sample's round trip (halves the cost)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model runs (cuda: one GPU per process; energies stay on OpenMM's CPU path)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (the unit of resumption)")
     parser.add_argument("--processes", type=int, default=1,
                         help="local worker processes sharing the batches (torch.distributed, gloo)")
@@ -59,7 +61,7 @@ def proposal_spec(args: argparse.Namespace, solver: str):
     return ProposalSpec(ckpt=str(Path(args.ckpt).resolve()), solver=solver, rtol=args.rtol,
                         atol=args.rtol if args.atol is None else args.atol, steps=args.steps, lawson=args.lawson,
                         t0=args.t0, t1=args.t1, logq=args.trace, trace_method=args.trace_method, dtype=args.dtype,
-                        zeta=args.zeta, roundtrip=not args.no_roundtrip)
+                        zeta=args.zeta, roundtrip=not args.no_roundtrip, device=args.device)
 
 
 def run_gaussian(args: argparse.Namespace) -> int:

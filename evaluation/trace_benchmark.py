@@ -1,0 +1,147 @@
+"""Cost of exact divergences on the tri-alanine DiT (issue 5 benchmark; not a timed test).
+
+Per sample and per function evaluation (one call on the whole batch), in one run: a plain forward, every
+exact-trace implementation of :class:`rexmol.likelihood.divergence.ExactTrace`, the full projected Jacobian
+(what the discrete log-density needs), and Hutchinson with one probe. Each task runs in a fresh subprocess so
+its peak memory (max RSS above the process's state after a plain forward) is its own.
+
+    .venv/bin/python evaluation/trace_benchmark.py --batch 256 --dtype float32 --out evaluation/results/trace.json
+
+Model: ``--ckpt`` (default data/ala3/model/generator.pt when present), else the 'small' AtomDiT for ala3 with
+random weights (same cost). Directions are taken in the mean-free basis (k = 96), as the sampler does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = ("forward", "vjp-loop", "vjp-vmap", "jvp-vmap", "vjp-batch", "auto", "jacobian-auto", "hutchinson-1")
+DEFAULT_CKPT = Path("data/ala3/model/generator.pt")
+
+
+def build(ckpt: str | None, dtype_name: str):
+    import torch
+
+    from rexmol.likelihood.priors import MeanFreeGaussian
+
+    dtype = getattr(torch, dtype_name)
+    if ckpt:
+        from rexmol.models.checkpoint import load_generator
+
+        model, source = load_generator(ckpt).model, f"checkpoint {ckpt}"
+    else:
+        from rexmol.models.dit import AtomDiT, DiTConfig
+        from rexmol.systems import load_system
+
+        model = AtomDiT.for_system(load_system("ala3"), DiTConfig.from_size("small"))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # adaLN-Zero starts at zero: randomise every weight for a non-trivial Jacobian
+            for p in model.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        source = "AtomDiT small, random weights"
+    model = model.to(dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prior = MeanFreeGaussian(model.n_atoms)
+    return model, prior, dtype, source
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(task: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    from rexmol.likelihood.divergence import ExactTrace, Hutchinson
+
+    torch.set_num_threads(args.threads)
+    model, prior, dtype, source = build(args.ckpt, args.dtype)
+    g = torch.Generator().manual_seed(1)
+    x = prior.sample(args.batch, generator=g, dtype=dtype)
+    t = torch.full((args.batch,), 0.5, dtype=dtype)
+    U = prior.basis(dtype)
+    with torch.no_grad():
+        model(x, t)
+    base = rss_mib()
+    et = ExactTrace(task if task in ExactTrace.METHODS else "auto", memory_budget=args.memory_budget)
+    hutch = Hutchinson(1, seed=0)
+
+    def call():
+        with torch.no_grad():
+            if task == "forward":
+                return model(x, t)
+            if task == "hutchinson-1":
+                return hutch(model, x, t, U)
+            if task == "jacobian-auto":
+                return et.jacobian(model, x, t, U)
+            return et(model, x, t, U)
+
+    call()  # warm-up; for "auto" this includes the probe
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    chunk = None
+    if task not in ("forward", "hutchinson-1"):
+        used = (sorted(set(et.choices.values())) or [et.method])[0]
+        chunk = et._chunk_size(model, model, x, t, prior.dim, used)
+    return {"task": task, "seconds_per_eval": min(times), "all_seconds": times, "peak_extra_mib": rss_mib() - base,
+            "chosen": sorted(set(et.choices.values())) or None,
+            "probe_seconds": [v for v in et.probe_seconds.values()] or None, "chunk": chunk, "model": source}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per task (minimum reported)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-budget", type=int, default=2 << 30, help="bytes (ExactTrace chunking)")
+    parser.add_argument("--ckpt", default=str(DEFAULT_CKPT) if DEFAULT_CKPT.is_file() else None)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--worker", choices=TASKS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return 0
+    rows = []
+    for task in args.tasks:
+        cmd = [sys.executable, __file__, "--worker", task, "--batch", str(args.batch), "--dtype", args.dtype,
+               "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--memory-budget", str(args.memory_budget)] + (["--ckpt", args.ckpt] if args.ckpt else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"task": task, "error": proc.stderr.strip().splitlines()[-1]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    fwd = next((r["seconds_per_eval"] for r in rows if r["task"] == "forward" and "error" not in r), None)
+    k = 96
+    print(f"batch {args.batch}, {args.dtype}, {args.threads} thread(s), model: {rows[0].get('model')}")
+    print(f"{'task':14s} {'s/eval':>9s} {'ms/sample':>10s} {'x forward':>10s} {'fwd/dir':>8s} {'peak MiB':>9s}  chosen")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['task']:14s} failed: {r['error']}")
+            continue
+        s = r["seconds_per_eval"]
+        ratio = s / fwd if fwd else float("nan")
+        per_dir = ratio / k if r["task"] not in ("forward", "hutchinson-1") else float("nan")
+        print(f"{r['task']:14s} {s:9.3f} {1e3 * s / args.batch:10.3f} {ratio:10.1f} {per_dir:8.2f} "
+              f"{r['peak_extra_mib']:9.0f}  {r['chosen'] or ''}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"batch": args.batch, "dtype": args.dtype, "threads": args.threads,
+                                        "support_dim": k, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
