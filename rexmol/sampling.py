@@ -287,23 +287,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, make_proposal: Callable[[], Proposal], out, n: int,
-               batch_size: int, seed: int, quiet: bool) -> None:
-    import torch
+def _distributed(make_proposal: Callable[[], Proposal], out, n: int, batch_size: int, seed: int, quiet: bool,
+                 init_method: str, rank: int = -1, world: int = -1) -> None:
+    """One rank of a torch.distributed (gloo) run: rank 0 opens the folder, every rank samples its batches,
+    rank 0 writes the final outputs."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = str(rank)  # a CUDA proposal picks its GPU from it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
+        rank, world = dist.get_rank(), dist.get_world_size()
         proposal = make_proposal()
+        run = SampleRun(out, run_config(proposal, n, batch_size, seed))
         if rank == 0:
-            SampleRun(out, run_config(proposal, n, batch_size, seed)).open()
+            run.open()
         dist.barrier()
         run_rank(proposal, out, n, batch_size, seed, rank, world, quiet)
         dist.barrier()
+        if rank == 0:
+            run.finalize(proposal.system)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _spawned(rank: int, world: int, port: int, *args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # a CUDA proposal picks its GPU from it
+    _distributed(*args, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world=world)
 
 
 def sample(make_proposal: Callable[[], Proposal], out, n: int, batch_size: int, seed: int,
@@ -311,37 +323,23 @@ def sample(make_proposal: Callable[[], Proposal], out, n: int, batch_size: int, 
     """Sample ``n`` molecules into ``out`` (resuming what is there) and write the final outputs; returns summary.
 
     ``make_proposal`` builds the proposal (called once per process; must be picklable for ``processes > 1``).
-    With ``processes > 1`` local worker processes (torch.distributed, gloo) share the batches; under
-    ``torchrun`` (``WORLD_SIZE`` set) each launched rank calls this with its own ``RANK``.
+    With ``processes > 1`` local worker processes (torch.distributed, gloo; one thread each) share the
+    batches; under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every launched rank calls this.
     """
-    import torch.distributed as dist
-
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("gloo", init_method="env://")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        proposal = make_proposal()
-        if rank == 0:
-            SampleRun(out, run_config(proposal, n, batch_size, seed)).open()
-        dist.barrier()
-        run_rank(proposal, out, n, batch_size, seed, rank, world, quiet)
-        dist.barrier()
-        summary = SampleRun(out, run_config(proposal, n, batch_size, seed)).finalize(proposal.system) \
-            if rank == 0 else {}
-        dist.barrier()
-        dist.destroy_process_group()
-        return summary
-    if processes > 1:
+    args = (make_proposal, out, n, batch_size, seed, quiet)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _distributed(*args, init_method="env://")
+    elif processes > 1:
         import torch.multiprocessing as tmp
 
-        tmp.spawn(_rank_main, args=(processes, _free_port(), make_proposal, out, n, batch_size, seed, quiet),
-                  nprocs=processes, join=True)
-        proposal = make_proposal()
+        tmp.spawn(_spawned, args=(processes, _free_port(), *args), nprocs=processes, join=True)
     else:
         proposal = make_proposal()
         run_rank(proposal, out, n, batch_size, seed, quiet=quiet)
-    return SampleRun(out, run_config(proposal, n, batch_size, seed)).finalize(proposal.system)
+        return SampleRun(out, run_config(proposal, n, batch_size, seed)).finalize(proposal.system)
+    return json.loads((Path(out) / "summary.json").read_text())
 
 
 def load_samples(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -68,7 +68,7 @@ class FlowMatching(L.LightningModule):
             (decay over the trainer's ``max_time``: the right choice for a time-limited run).
         ema_decay: EMA of the weights (effective decay ``min(ema_decay, (1 + step) / (10 + step))``).
         init_from: warm start from a generator file or checkpoint (its EMA weights and its data scale); the
-            architecture must match except for modules this model adds (zero-initialised, e.g. ``chirality``).
+            architecture must match except for the zero-initialised ``chirality``/``local_frames`` additions.
     """
 
     def __init__(
@@ -124,7 +124,7 @@ class FlowMatching(L.LightningModule):
             missing, unexpected = self.model.load_state_dict(source.model.state_dict(), strict=False)
         except RuntimeError as err:  # shape mismatch
             raise ValueError(f"init_from {path}: architecture differs: {err}") from err
-        new_modules = [k for k in missing if not k.startswith(("chiral_",))]
+        new_modules = [k for k in missing if not k.startswith(("chiral_", "frame_"))]
         if unexpected or new_modules:
             raise ValueError(f"init_from {path}: architecture differs (missing {new_modules}, unexpected {unexpected})")
         self.data_scale.fill_(source.scale)

@@ -101,3 +101,17 @@ def test_handedness_feature_is_rotation_invariant_and_mirror_odd(system):
     ca = [a.index for a in system.topology.atoms() if a.name == "CA"]
     assert (chi[0, ca].abs() > 0.5).all()  # tetrahedral centres: clearly signed
     assert chi[0, [a.index for a in system.topology.atoms() if a.element.symbol == "H"]].abs().max() == 0
+
+
+def test_local_frame_output_is_rotation_equivariant(system):
+    """The frame head's directions rotate with the molecule (the coefficients come from the tokens)."""
+    model = random_model(system)
+    x = torch.randn(3, 33, 3, dtype=torch.float64)
+    h = torch.randn(3, 33, model.config.hidden, dtype=torch.float64)
+    rot = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+    rot = rot * torch.linalg.det(rot)
+    frame = model._frame_output(x, h)
+    assert frame.abs().mean() > 0.1
+    torch.testing.assert_close(model._frame_output(x @ rot.T, h), frame @ rot.T, rtol=0, atol=1e-12)
+    # a mirror image flips the normal: the frame output is not simply mirrored
+    assert (model._frame_output(-x, h) + frame).abs().max() > 0.1

@@ -179,3 +179,16 @@ def test_torchdiffeq_baseline_log_q_matches_closed_form():
     np.testing.assert_allclose(x1.numpy(), flow.flow(x0, 0.0, 1.0).numpy(), atol=1e-6)
     assert nfe > 10 and float(rt_x.max()) < 1e-6 and float(rt_logq.max()) < 1e-6
     assert math.isfinite(float(logq.sum()))
+
+
+def test_a_nonfinite_sample_is_flagged_without_losing_its_batch(ckpt):
+    from rexmol.sampling import _propose
+
+    proposal = _spec(ckpt).build()
+    z = standard_normal_draws(11, [0, 1, 2], (33, 3))
+    z[1, 5, 0] = np.nan  # one sample's solve goes non-finite: the batch is re-solved sample by sample
+    out = _propose(proposal, z)
+    assert np.isnan(out.log_q[1]) and np.isnan(out.x[1]).all() and out.nfe[1] == 0
+    alone = proposal(z[[0, 2]])
+    np.testing.assert_allclose(out.log_q[[0, 2]], alone.log_q, rtol=1e-12)
+    np.testing.assert_allclose(out.x[[0, 2]], alone.x, rtol=0, atol=1e-12)

@@ -139,16 +139,17 @@ def test_cli_trains_and_reports_bad_configs(tmp_path, capsys):
 
 
 def test_warm_start_keeps_function_and_scale(trained, tmp_path):
-    """A model without the handedness feature warm-starts one with it: same outputs, same scale."""
+    """A model without the handedness feature and frame head warm-starts one with them: same outputs and scale."""
     module, _, _ = trained
     from rexmol.models.dit import AtomDiT, DiTConfig
 
-    plain = AtomDiT.for_system(module.system, DiTConfig(**{**module.model.config.to_dict(), "chirality": False}))
-    state = {k: v for k, v in module.ema.state_dict().items() if not k.startswith("chiral_")}
+    config = {**module.model.config.to_dict(), "chirality": False, "local_frames": False}
+    plain = AtomDiT.for_system(module.system, DiTConfig(**config))
+    state = {k: v for k, v in module.ema.state_dict().items() if not k.startswith(("chiral_", "frame_"))}
     plain.load_state_dict(state)
     path = save_generator(tmp_path / "plain.pt", plain, system_name="ala3", scale=0.25)
     warm = FlowMatching(size="tiny", init_from=str(path))
-    assert warm.model.config.chirality and float(warm.data_scale) == 0.25
+    assert warm.model.config.chirality and warm.model.config.local_frames and float(warm.data_scale) == 0.25
     x, t = torch.randn(4, 33, 3), torch.rand(4)
     with torch.no_grad():
         torch.testing.assert_close(warm.model(x, t), plain(x, t), rtol=0, atol=1e-6)

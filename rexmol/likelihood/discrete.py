@@ -53,7 +53,11 @@ class TangentDynamics:
                 raise ValueError("the integrated trace needs all k tangent columns (with_trace=False for chunks)")
             V = M if self.basis is None else torch.einsum("dk,bkc->bdc", self.basis.to(M), M)
             V = V.permute(2, 0, 1).reshape(M.shape[2], *x.shape)
-            f, P, _ = self._columns.products(self.model, x, tv, V)
+            try:
+                f, P, _ = self._columns.products(self.model, x, tv, V)
+            except NotImplementedError as err:
+                raise ValueError(f"tangent columns in chunks need forward-mode AD, which this model lacks ({err}); "
+                                 "raise memory_budget so that all columns fit one solve") from err
             P = P.reshape(M.shape[2], x.shape[0], -1)
             JM = P.permute(1, 2, 0) if self.basis is None else torch.einsum("dk,cbd->bkc", self.basis.to(P), P)
             tr = None

@@ -237,25 +237,26 @@ class ExactTrace:
         return self.choices[key]
 
     def _probe(self, model, f, x, t, basis) -> tuple[str, dict[str, float]]:
-        """Time each method on the first few directions (after a warm-up) and return the fastest."""
+        """Time each method on the first few directions (minimum of two round-robin rounds); the fastest wins."""
         k = self._k(x, basis)
         n = min(k, max(4, min(16, max(self._chunk_size(model, f, x, t, k, m) for m in ("vjp-vmap", "jvp-vmap")))))
         seconds: dict[str, float] = {}
         errors: dict[str, str] = {}
-        for method in self.METHODS:
-            try:
-                best = float("inf")
-                for _ in range(2):  # warm-up + timed; the minimum of both
+        for _ in range(2):  # round robin (a load change hits every method), the minimum of two rounds
+            for method in self.METHODS:
+                if method in errors:
+                    continue
+                try:
                     start = time.perf_counter()
                     lin = _Linearised(method, f, x, t)
                     c = self._chunk_size(model, f, x, t, n, method)
                     for i0 in range(0, n, c):
                         lin.apply(_directions(basis, i0, min(i0 + c, n), x))
                     lin.value()
-                    best = min(best, time.perf_counter() - start)
-                seconds[method] = best
-            except (NotImplementedError, RuntimeError) as err:  # no forward-AD / batching rule for some op
-                errors[method] = f"{type(err).__name__}: {err}"
+                    seconds[method] = min(seconds.get(method, float("inf")), time.perf_counter() - start)
+                except (NotImplementedError, RuntimeError) as err:  # no forward-AD / batching rule for some op
+                    errors[method] = f"{type(err).__name__}: {err}"
+                    seconds.pop(method, None)
         if not seconds:
             raise RuntimeError(f"no exact-trace method works for this model: {errors}")
         return min(seconds, key=seconds.get), seconds

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 FEATURE_NAMES = ("element", "atom_name", "residue_index", "residue_name", "chain_position")
 
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden": 32, "depth": 2, "heads": 2, "mlp_ratio": 2, "chirality": True},
-    "small": {"hidden": 128, "depth": 4, "heads": 4, "mlp_ratio": 2, "chirality": True},
-    "base": {"hidden": 256, "depth": 8, "heads": 8, "mlp_ratio": 4, "chirality": True},
+    "tiny": {"hidden": 32, "depth": 2, "heads": 2, "mlp_ratio": 2, "chirality": True, "local_frames": True},
+    "small": {"hidden": 128, "depth": 4, "heads": 4, "mlp_ratio": 2, "chirality": True, "local_frames": True},
+    "base": {"hidden": 256, "depth": 8, "heads": 8, "mlp_ratio": 4, "chirality": True, "local_frames": True},
 }
 
 
@@ -48,6 +48,9 @@ class DiTConfig:
     # signed-volume (handedness) feature of every atom with >= 3 bonded neighbours; the presets switch it on,
     # the False default keeps configs saved before it existed loadable
     chirality: bool = False
+    # output also along local frames (two bond directions and their normal) at the atom's own and its
+    # lowest-index bonded neighbour's >= 3-bond centre: rotation-equivariant directions, chirality-aware normal
+    local_frames: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -104,6 +107,22 @@ def chirality_quads(n_atoms: int, bonds: list[tuple[int, int]]) -> tuple[np.ndar
     centres = [i for i in range(n_atoms) if len(neighbours[i]) >= 3]
     quads = [sorted(neighbours[i])[:3] for i in centres]
     return np.array(centres, dtype=np.int64), np.array(quads, dtype=np.int64).reshape(len(centres), 3)
+
+
+def frame_anchors(n_atoms: int, bonds: list[tuple[int, int]], centres: np.ndarray) -> np.ndarray:
+    """[N, 2] indices into ``centres``: the atom's own centre and its lowest-index bonded centre (-1: none)."""
+    position = {int(c): k for k, c in enumerate(centres)}
+    neighbours: list[list[int]] = [[] for _ in range(n_atoms)]
+    for i, j in bonds:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    anchors = np.full((n_atoms, 2), -1, dtype=np.int64)
+    for i in range(n_atoms):
+        anchors[i, 0] = position.get(i, -1)
+        bonded = [position[j] for j in sorted(neighbours[i]) if j in position]
+        if bonded:
+            anchors[i, 1] = bonded[0]
+    return anchors
 
 
 def timestep_embedding(t: Tensor, n_frequencies: int) -> Tensor:
@@ -178,6 +197,18 @@ class AtomDiT(nn.Module):
             nn.init.zeros_(self.chiral_embed.bias)
         else:
             self.chiral_embed = None
+        if config.local_frames:
+            centres, neighbours = chirality_quads(n_atoms, bonds)
+            anchors = frame_anchors(n_atoms, bonds, centres)
+            self.register_buffer("frame_centres", torch.as_tensor(centres))
+            self.register_buffer("frame_neighbours", torch.as_tensor(neighbours[:, :2]))
+            self.register_buffer("frame_anchor", torch.as_tensor(np.maximum(anchors, 0)))
+            self.register_buffer("frame_mask", torch.as_tensor((anchors >= 0).astype(np.float32)))
+            self.frame_head = nn.Linear(d, 6)
+            nn.init.zeros_(self.frame_head.weight)
+            nn.init.zeros_(self.frame_head.bias)
+        else:
+            self.frame_head = None
         self.time_mlp = nn.Sequential(nn.Linear(2 * config.time_frequencies, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio) for _ in range(config.depth))
         n_bias = config.depth * config.heads
@@ -216,6 +247,17 @@ class AtomDiT(nn.Module):
         norms = torch.sqrt(((v * v).sum(-1) + 1e-6).prod(-1))
         return (volume / norms) @ self.chiral_select.T
 
+    def _frame_output(self, x: Tensor, h: Tensor) -> Tensor:
+        """Sum over the atom's two anchor frames of learned coefficients times (u1, u2, n), unit-ish vectors."""
+        centre = x[:, self.frame_centres, None, :]  # [B, K, 1, 3]
+        u = x[:, self.frame_neighbours, :] - centre  # [B, K, 2, 3]
+        n = torch.linalg.cross(u[:, :, 0], u[:, :, 1], dim=-1)[:, :, None, :]
+        frames = torch.cat([u, n], dim=2)  # [B, K, 3, 3]
+        frames = frames / torch.sqrt((frames * frames).sum(-1, keepdim=True) + 1e-3)
+        per_atom = frames[:, self.frame_anchor] * self.frame_mask.to(x.dtype)[None, :, :, None, None]
+        coeff = self.frame_head(h).reshape(h.shape[0], self.n_atoms, 2, 3, 1)
+        return (coeff * per_atom).sum(dim=(2, 3))  # [B, N, 3]
+
     def _attention_bias(self, x: Tensor) -> Tensor:
         """Additive bias [B or 1, depth, H, N, N] from bonded hops and (optionally) interatomic distances."""
         cfg, n = self.config, self.n_atoms
@@ -252,6 +294,9 @@ class AtomDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, c, bias[:, i])
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        out = self.head(modulate(self.final_norm(h), shift, scale))
+        h = modulate(self.final_norm(h), shift, scale)
+        out = self.head(h)
+        if self.frame_head is not None:
+            out = out + self._frame_output(xb, h)
         out = out - out.mean(dim=1, keepdim=True)
         return out.reshape(shape)
