@@ -79,6 +79,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
     os.replace(tmp, path)
 
 
