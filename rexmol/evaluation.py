@@ -131,7 +131,7 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
         "roundtrip_x_median": _nanstat(np.nanmedian, data["roundtrip_x"]),
         "roundtrip_x_max": _nanstat(np.nanmax, data["roundtrip_x"]),
         "roundtrip_logq_max": _nanstat(np.nanmax, data["roundtrip_logq"]),
-        "sampling": {k: config[k] for k in ("seed", "batch_size") if k in config} | {"proposal": config.get("proposal")},
+        "sampling": {"seed": config["seed"], "batch_size": config["batch_size"], "proposal": config["proposal"]},
     }
     basins = {}
     for key, a, b in _residue_columns(system):

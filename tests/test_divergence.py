@@ -11,6 +11,7 @@ from rexmol.likelihood.priors import MeanFreeGaussian, StandardGaussian, helmert
 from rexmol.models.dit import AtomDiT, DiTConfig
 
 DT = torch.float64
+N = 5  # particles
 
 
 class MLP(nn.Module):
@@ -48,10 +49,12 @@ class TinyTransformer(nn.Module):
 
 
 def atom_dit(n_atoms: int = 5) -> AtomDiT:
-    """The project's DiT ('tiny' size) on a toy chain, with every weight randomised (adaLN-Zero starts at 0)."""
+    """The project's DiT ('tiny' size) on a toy branched molecule (atom 0 has three bonds), every weight
+    randomised (adaLN-Zero starts at 0)."""
     feats = {name: np.arange(n_atoms) % 3 for name in
              ("element", "atom_name", "residue_index", "residue_name", "chain_position")}
-    model = AtomDiT(DiTConfig.from_size("tiny"), feats, [(i, i + 1) for i in range(n_atoms - 1)]).to(DT)
+    bonds = [(0, 1), (0, 2), (0, 3)] + [(i, i + 1) for i in range(3, n_atoms - 1)]
+    model = AtomDiT(DiTConfig.from_size("tiny"), feats, bonds).to(DT)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
@@ -61,13 +64,13 @@ def atom_dit(n_atoms: int = 5) -> AtomDiT:
 
 def models():
     torch.manual_seed(0)
-    return {"mlp": MLP(12).to(DT), "transformer": TinyTransformer().to(DT), "dit": atom_dit(4)}
+    return {"mlp": MLP(3 * N).to(DT), "transformer": TinyTransformer().to(DT), "dit": atom_dit(N)}
 
 
 @pytest.fixture(scope="module")
 def cases():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 4, 3, generator=g, dtype=DT)
+    x = torch.randn(3, N, 3, generator=g, dtype=DT)
     t = torch.rand(3, generator=g, dtype=DT)
     out = {}
     for name, model in models().items():
@@ -88,7 +91,7 @@ def test_exact_trace_equals_brute_force(cases, name, method):
     _, K = et.jacobian(model, x, t)
     assert (K - J).abs().max() <= 1e-10
     # on the mean-free subspace: tr(U^T J U) and U^T J U
-    U = MeanFreeGaussian(4).basis(DT)
+    U = MeanFreeGaussian(N).basis(DT)
     _, tr_u = et(model, x, t, U)
     _, K_u = et.jacobian(model, x, t, U)
     assert (K_u - U.T @ J @ U).abs().max() <= 1e-10
@@ -102,9 +105,10 @@ def test_chunking_by_budget_and_forced_chunk_agree(cases):
     x, t, ms = cases
     model, J = ms["transformer"]
     ref = J.diagonal(dim1=1, dim2=2).sum(-1)
-    for et in (ExactTrace("vjp-vmap", chunk=5), ExactTrace("jvp-vmap", memory_budget=1), ExactTrace("vjp-batch", chunk=1)):
+    for et in (ExactTrace("vjp-vmap", chunk=5), ExactTrace("jvp-vmap", memory_budget=1),
+               ExactTrace("vjp-batch", chunk=1)):
         assert (et(model, x, t)[1] - ref).abs().max() <= 1e-10
-        assert et._chunk_size(model, model, x, t, 12, et.method) == (et.chunk or 1)
+        assert et._chunk_size(model, model, x, t, 3 * N, et.method) == (et.chunk or 1)
 
 
 def test_module_parameters_stay_untouched_and_no_grad_graph(cases):
@@ -132,7 +136,7 @@ def test_bad_arguments_raise():
 def test_hutchinson_unbiased_within_4_se(cases, noise, basis):
     x, t, ms = cases
     model, J = ms["transformer"]
-    U = MeanFreeGaussian(4).basis(DT) if basis else None
+    U = MeanFreeGaussian(N).basis(DT) if basis else None
     K = J if U is None else U.T @ J @ U
     exact = K.diagonal(dim1=1, dim2=2).sum(-1)
     n = 4000

@@ -115,3 +115,13 @@ def test_cli_gaussian_json(capsys):
     assert out["logq_max_abs_error"] < 1e-5
     assert out["roundtrip_max_abs_error"] < 1e-11
     assert out["nfe"] > 0 and out["solver"] == "rex-dopri5" and out["support_dim"] == 21
+
+
+@pytest.mark.slow
+def test_cli_gaussian_json_issue_command(capsys):
+    """The issue's exact command (default tolerances 1e-4, t1 = 0.999)."""
+    assert main(["sample", "--model", "gaussian", "--n", "256", "--solver", "rex-dopri5", "--trace", "exact",
+                 "--dtype", "float64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # measured: logq error 4.3e-4 (tolerance-limited), round trip 3.7e-10 (t1 = 0.999), 170 NFE
+    assert out["logq_max_abs_error"] < 1e-2 and out["roundtrip_max_abs_error"] < 1e-8 and out["nfe"] > 0

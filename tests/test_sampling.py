@@ -12,7 +12,7 @@ from scipy.stats import norm
 from rexmol.cli import main
 from rexmol.proposal import ProposalSpec, torchdiffeq_logq
 from rexmol.sampling import SampleRun, load_samples, run_config, run_rank, sample, standard_normal_draws
-from rexmol.systems import load_system
+from tiny_fixtures import make_tiny_ckpt
 
 N, BATCH = 6, 3
 PER_SAMPLE = ("index", "x", "log_q", "energy", "log_w", "nfe", "roundtrip_x", "roundtrip_logq", "energy_failed",
@@ -21,16 +21,7 @@ PER_SAMPLE = ("index", "x", "log_q", "energy", "log_w", "nfe", "roundtrip_x", "r
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """An untrained tiny DiT with randomised weights (the zero-initialised head would give v = 0)."""
-    from rexmol.models.checkpoint import save_generator
-    from rexmol.models.dit import AtomDiT, DiTConfig
-
-    torch.manual_seed(0)
-    model = AtomDiT.for_system(load_system("ala3"), DiTConfig.from_size("tiny"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return str(save_generator(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, system_name="ala3", scale=0.15))
+    return make_tiny_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def _spec(ckpt) -> ProposalSpec:

@@ -1,5 +1,4 @@
 """Flow-matching training: overfit, learned rotation equivariance, checkpoint round trip, resume, CLI errors."""
-import math
 
 import lightning as L
 import pytest

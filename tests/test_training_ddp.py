@@ -1,4 +1,5 @@
 """Lightning DDP on CPU (gloo, 2 processes): both ranks end with identical weights (and did train)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ def test_two_process_ddp_gives_identical_weights(tmp_path):
     data = write_dataset(tmp_path / "d", jittered_frames(40), n_val=4)
     worker = Path(__file__).with_name("ddp_worker.py")
     proc = subprocess.run([sys.executable, str(worker), str(data), str(tmp_path)], capture_output=True, text=True,
-                          timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["step"] == 8 for r in ranks)
