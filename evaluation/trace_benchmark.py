@@ -3,7 +3,9 @@
 Per sample and per function evaluation (one call on the whole batch), in one run: a plain forward, every
 exact-trace implementation of :class:`rexmol.likelihood.divergence.ExactTrace`, the full projected Jacobian
 (what the discrete log-density needs), and Hutchinson with one probe. Each task runs in a fresh subprocess so
-its peak memory (max RSS above the process's state after a plain forward) is its own.
+its peak memory (max RSS above the process's state after a plain forward) is its own; "x forward" divides its
+time by a plain forward timed in the same process just before and after (best of 3 each), so that a shared,
+loaded machine distorts the ratio as little as possible.
 
     .venv/bin/python evaluation/trace_benchmark.py --batch 256 --dtype float32 --out evaluation/results/trace.json
 
@@ -85,16 +87,28 @@ def worker(task: str, args: argparse.Namespace) -> dict:
     call(U[:, :4])  # warm-up on 4 directions (first-use costs)
     if task in ("auto", "jacobian-auto"):  # the probe for the full basis, outside the timed call
         et._method(model, detached(model), x, t, U, "trace" if task == "auto" else "jacobian")
+    def forward_seconds() -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(x, t)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    fwd = [forward_seconds()]  # a plain forward timed in the same process, before and after: load-normalised ratio
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         call(U)
         times.append(time.perf_counter() - start)
+    fwd.append(forward_seconds())
     chunk = None
     if task not in ("forward", "hutchinson-1"):
         used = (sorted(set(et.choices.values())) or [et.method])[0]
         chunk = et._chunk_size(model, model, x, t, prior.dim, used)
     return {"task": task, "seconds_per_eval": min(times), "all_seconds": times, "peak_extra_mib": rss_mib() - base,
+            "local_forward_seconds": fwd, "forwards_per_eval": min(times) / (sum(fwd) / len(fwd)),
             "chosen": sorted(set(et.choices.values())) or None,
             "probe_seconds": [v for v in et.probe_seconds.values()] or None, "chunk": chunk, "model": source}
 
@@ -125,7 +139,6 @@ def main() -> int:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    fwd = next((r["seconds_per_eval"] for r in rows if r["task"] == "forward" and "error" not in r), None)
     k = 96
     print(f"batch {args.batch}, {args.dtype}, {args.threads} thread(s), model: {rows[0].get('model')}")
     print(f"{'task':14s} {'s/eval':>9s} {'ms/sample':>10s} {'x forward':>10s} {'fwd/dir':>8s} {'peak MiB':>9s}  chosen")
@@ -133,8 +146,7 @@ def main() -> int:
         if "error" in r:
             print(f"{r['task']:14s} failed: {r['error']}")
             continue
-        s = r["seconds_per_eval"]
-        ratio = s / fwd if fwd else float("nan")
+        s, ratio = r["seconds_per_eval"], r["forwards_per_eval"]
         per_dir = ratio / k if r["task"] not in ("forward", "hutchinson-1") else float("nan")
         print(f"{r['task']:14s} {s:9.3f} {1e3 * s / args.batch:10.3f} {ratio:10.1f} {per_dir:8.2f} "
               f"{r['peak_extra_mib']:9.0f}  {r['chosen'] or ''}")

@@ -130,3 +130,15 @@ def test_evaluate_ckpt_compares_solvers_from_the_same_draws(dataset, tmp_path, c
     assert rex["roundtrip_x"].max() < 1e-8 < euler["roundtrip_x"].max()  # exact inverse vs truncation error
     # Lawson-Euler in data coordinates is velocity Euler on this path: equal samples iff the prior draws are equal
     np.testing.assert_allclose(princeps["x"], euler["x"], rtol=0, atol=1e-10)
+
+
+def test_demo_runs_end_to_end_on_small_inputs(dataset, tmp_path, capsys):
+    ckpt = make_tiny_ckpt(tmp_path / "tiny.pt")
+    argv = ["demo", "--ckpt", ckpt, "--reference", str(dataset), "--out", str(tmp_path / "demo"), "--n", "2",
+            "--solvers", "rex-euler", "--steps", "2", "--processes", "1", "--trace-method", "vjp-loop"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 samples per solver (rex-euler), 2 steps" in out and "demo finished in" in out
+    assert (tmp_path / "demo" / "report" / "report.md").is_file()
+    assert main(["demo", "--ckpt", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
