@@ -5,7 +5,8 @@ normalisation, the flow-matching loss, backward, gradient clipping at 1.0, AdamW
 schedule and the EMA update. Each loop runs ``--repeats`` times, interleaved, and the best run of each is
 compared (the machine is shared; CPU time is reported too). The forward time is per sample, no grad.
 
-    nice -n 10 .venv/bin/python evaluation/bench_training.py --data-dir data/ala3 --size small --batch-size 64
+    nice -n 10 .venv/bin/python evaluation/bench_training.py --data-dir data/ala3 --size small --batch-size 64 \
+        --like data/ala3/model/generator.pt
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class StepTimer(L.Callback):
 
 def lightning_run(dm: MDDataModule, args, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    module = FlowMatching(size=args.size, warmup_steps=10, schedule_steps=10_000)
+    module = FlowMatching(size=args.size, warmup_steps=10, schedule_steps=10_000, **args.arch)
     timer = StepTimer(args.skip)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.skip + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -49,7 +50,7 @@ def lightning_run(dm: MDDataModule, args, steps: int) -> tuple[float, float]:
 
 def bare_run(dm: MDDataModule, args, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    module = FlowMatching(size=args.size, warmup_steps=10, schedule_steps=10_000)
+    module = FlowMatching(size=args.size, warmup_steps=10, schedule_steps=10_000, **args.arch)
     model, ema = module.model, module.ema
     scale = dm.scale
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
@@ -79,7 +80,7 @@ def bare_run(dm: MDDataModule, args, steps: int) -> tuple[float, float]:
 
 
 def forward_cost(args) -> list[str]:
-    module = FlowMatching(size=args.size)
+    module = FlowMatching(size=args.size, **args.arch)
     model = module.model.eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -111,7 +112,15 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=5, help="untimed warm-up steps per run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--like", default=None, help="take the architecture from this generator file / checkpoint")
     args = parser.parse_args()
+    args.arch = {}
+    if args.like:
+        from rexmol.models.checkpoint import load_generator
+
+        config = load_generator(args.like).model.config.to_dict()
+        args.arch = {k: config[k] for k in ("hidden", "depth", "heads", "mlp_ratio", "graph_bias", "distance_bias",
+                                            "chirality", "local_frames")}
     torch.set_num_threads(args.threads)
     dm = MDDataModule(args.data_dir, batch_size=args.batch_size, max_train_frames=4096)
     dm.setup()
@@ -119,8 +128,8 @@ def main() -> None:
     for _ in range(args.repeats):
         results["lightning"].append(lightning_run(dm, args, args.steps))
         results["bare"].append(bare_run(dm, args, args.steps))
-    print(f"DiT {args.size}, batch {args.batch_size}, {args.steps} timed steps, {args.threads} thread(s), "
-          f"best of {args.repeats}")
+    print(f"DiT {args.size} {args.arch or ''}, batch {args.batch_size}, {args.steps} timed steps, "
+          f"{args.threads} thread(s), best of {args.repeats}")
     best = {}
     for name, runs in results.items():
         wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)

@@ -58,7 +58,7 @@ class FlowMatching(L.LightningModule):
     Args:
         system: system name (``rexmol.systems.load_system``); the data module must hold the same system.
         size: DiT preset (``tiny``, ``small``, ``base``); ``hidden``/``depth``/``heads``/``mlp_ratio``/
-            ``graph_bias``/``distance_bias`` override it.
+            ``graph_bias``/``distance_bias``/``chirality``/``local_frames`` override it.
         output_kind: what the network predicts: ``velocity``, ``data`` or ``noise``.
         sigma_min: noise left at t = 1 (0: the plain linear path the solvers assume).
         time_power: ``t = 1 - (1 - u)^time_power``; 1 is uniform, > 1 favours the data end.
@@ -81,6 +81,8 @@ class FlowMatching(L.LightningModule):
         mlp_ratio: int | None = None,
         graph_bias: bool | None = None,
         distance_bias: bool | None = None,
+        chirality: bool | None = None,
+        local_frames: bool | None = None,
         output_kind: str = "velocity",
         sigma_min: float = 0.0,
         time_power: float = 1.0,
@@ -106,7 +108,8 @@ class FlowMatching(L.LightningModule):
             raise ValueError(f"time_power must be > 0, got {time_power}")
         self.system = load_system(system)
         config = DiTConfig.from_size(size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                                     graph_bias=graph_bias, distance_bias=distance_bias)
+                                     graph_bias=graph_bias, distance_bias=distance_bias, chirality=chirality,
+                                     local_frames=local_frames)
         self.model = AtomDiT.for_system(self.system, config)
         self.register_buffer("data_scale", torch.zeros((), dtype=torch.float64))  # nm; 0 until the data sets it
         self.data_info: dict[str, Any] = {}
