@@ -3,9 +3,9 @@
 Per sample and per function evaluation (one call on the whole batch), in one run: a plain forward, every
 exact-trace implementation of :class:`rexmol.likelihood.divergence.ExactTrace`, the full projected Jacobian
 (what the discrete log-density needs), and Hutchinson with one probe. Each task runs in a fresh subprocess so
-its peak memory (max RSS above the process's state after a plain forward) is its own; "x forward" divides its
-time by a plain forward timed in the same process just before and after (best of 3 each), so that a shared,
-loaded machine distorts the ratio as little as possible.
+its peak memory (max RSS above the process's state after a plain forward) is its own. Times are CPU seconds of
+the (single-threaded) process, which a shared, loaded machine distorts far less than wall time; "x forward"
+divides by a plain forward timed in the same process just before and after (best of 3 each).
 
     .venv/bin/python evaluation/trace_benchmark.py --batch 256 --dtype float32 --out evaluation/results/trace.json
 
@@ -90,24 +90,26 @@ def worker(task: str, args: argparse.Namespace) -> dict:
     def forward_seconds() -> float:
         best = float("inf")
         for _ in range(3):
-            start = time.perf_counter()
+            start = time.process_time()
             with torch.no_grad():
                 model(x, t)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.process_time() - start)
         return best
 
-    fwd = [forward_seconds()]  # a plain forward timed in the same process, before and after: load-normalised ratio
-    times = []
+    fwd = [forward_seconds()]  # a plain forward in the same process, before and after (CPU seconds)
+    times, walls = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, wall = time.process_time(), time.perf_counter()
         call(U)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
+        walls.append(time.perf_counter() - wall)
     fwd.append(forward_seconds())
     chunk = None
     if task not in ("forward", "hutchinson-1"):
         used = (sorted(set(et.choices.values())) or [et.method])[0]
         chunk = et._chunk_size(model, model, x, t, prior.dim, used)
-    return {"task": task, "seconds_per_eval": min(times), "all_seconds": times, "peak_extra_mib": rss_mib() - base,
+    return {"task": task, "seconds_per_eval": min(times), "all_seconds": times, "wall_seconds": walls,
+            "peak_extra_mib": rss_mib() - base,
             "local_forward_seconds": fwd, "forwards_per_eval": min(times) / (sum(fwd) / len(fwd)),
             "chosen": sorted(set(et.choices.values())) or None,
             "probe_seconds": [v for v in et.probe_seconds.values()] or None, "chunk": chunk, "model": source}
@@ -141,7 +143,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     k = 96
     print(f"batch {args.batch}, {args.dtype}, {args.threads} thread(s), model: {rows[0].get('model')}")
-    print(f"{'task':14s} {'s/eval':>9s} {'ms/sample':>10s} {'x forward':>10s} {'fwd/dir':>8s} {'peak MiB':>9s}  chosen")
+    print(f"{'task':14s} {'CPU s/eval':>9s} {'ms/sample':>10s} {'x forward':>10s} {'fwd/dir':>8s} {'peak MiB':>9s}  chosen")
     for r in rows:
         if "error" in r:
             print(f"{r['task']:14s} failed: {r['error']}")

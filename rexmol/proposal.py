@@ -47,7 +47,8 @@ class ProposalSpec:
     ``solver``: a solver name or ``torchdiffeq-dopri5``; adaptive with ``rtol``/``atol`` when ``steps`` is None
     (the tableau needs an embedded pair), else ``steps`` uniform steps in t. ``lawson``: Lawson coordinates of
     ``rex-``/``princeps-`` solvers (plain names integrate in t). ``t0``/``t1``: integration interval
-    (0 = noise, 1 = data; data-kind coordinates need t1 < 1). ``logq``: "exact" | "hutchinson" | "discrete".
+    (0 = noise, 1 = data; data-kind coordinates need t1 < 1). ``logq``: "exact" | "hutchinson" | "discrete"
+    (discrete: samples where the solver map folds get log q = NaN, i.e. weight 0 and counted as non-finite).
     ``roundtrip``: also run the backward pass and record the certificate (doubles the cost).
     """
 
@@ -158,7 +159,10 @@ class FlowProposal:
             out = sample_with_logq(self.generator.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
                                    zeta=s.zeta, options=LogQOptions(mode=s.logq, method=s.trace_method))
             cert = roundtrip_certificate(out) if s.roundtrip else None
-        return (out.x, out.logq, out.nfe, None if cert is None else cert.x0_error,
+        logq = out.logq
+        if out.folded is not None:  # discrete density invalid where the solver map folds: weight 0, counted
+            logq = torch.where(out.folded, torch.full_like(logq, float("nan")), logq)
+        return (out.x, logq, out.nfe, None if cert is None else cert.x0_error,
                 None if cert is None else cert.logq_error)
 
     def _torchdiffeq(self, x0: torch.Tensor):

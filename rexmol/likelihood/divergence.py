@@ -233,7 +233,8 @@ class ExactTrace:
         return self.choices[key]
 
     def _probe(self, model, f, x, t, basis) -> tuple[str, dict[str, float]]:
-        """Time each method on the first few directions (minimum of two round-robin rounds); the fastest wins."""
+        """Time each method on the first few directions (minimum of two round-robin rounds; CPU time when
+        single-threaded, see :func:`_clock`); the fastest wins."""
         k = self._k(x, basis)
         n = min(k, max(4, min(16, max(self._chunk_size(model, f, x, t, k, m) for m in ("vjp-vmap", "jvp-vmap")))))
         seconds: dict[str, float] = {}
@@ -243,19 +244,26 @@ class ExactTrace:
                 if method in errors:
                     continue
                 try:
-                    start = time.perf_counter()
+                    start = _clock()
                     lin = _Linearised(method, f, x, t)
                     c = self._chunk_size(model, f, x, t, n, method)
                     for i0 in range(0, n, c):
                         lin.apply(_directions(basis, i0, min(i0 + c, n), x))
                     lin.value()
-                    seconds[method] = min(seconds.get(method, float("inf")), time.perf_counter() - start)
+                    seconds[method] = min(seconds.get(method, float("inf")), _clock() - start)
                 except (NotImplementedError, RuntimeError) as err:  # no forward-AD / batching rule for some op
                     errors[method] = f"{type(err).__name__}: {err}"
                     seconds.pop(method, None)
         if not seconds:
             raise RuntimeError(f"no exact-trace method works for this model: {errors}")
         return min(seconds, key=seconds.get), seconds
+
+
+def _clock() -> float:
+    """CPU time of this process when torch runs single-threaded on CPU (robust on a shared machine), else wall."""
+    if torch.get_num_threads() == 1 and not torch.cuda.is_initialized():
+        return time.process_time()
+    return time.perf_counter()
 
 
 def _flat_c(P: Tensor) -> Tensor:
