@@ -71,6 +71,10 @@ def check_system_match(config: dict[str, Any], system: System, where: str) -> No
                          f"not of {system.name!r} ({system.n_atoms} atoms)")
 
 
+LOGQ_LABELS = {"exact": "integrated exact trace", "hutchinson": "Hutchinson (biased)",
+               "discrete": "discrete-map exact"}
+
+
 def _label(config: dict[str, Any]) -> tuple[str, str]:
     desc = config.get("proposal") or {}
     solver = str(desc.get("solver", "?"))
@@ -78,8 +82,8 @@ def _label(config: dict[str, Any]) -> tuple[str, str]:
         solver += f" ({desc['steps']} steps)"
     elif desc.get("rtol") is not None:
         solver += f" (rtol={desc['rtol']:g}, atol={desc['atol']:g})"
-    if desc.get("trace") and desc.get("trace") != "exact":
-        solver += f", {desc['trace']} trace"
+    logq = str(desc.get("logq", "exact"))
+    solver += f", log q: {LOGQ_LABELS.get(logq, logq)}"
     return str(desc.get("model", "?")), solver
 
 

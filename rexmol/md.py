@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from rexmol.atomic import write_atomic
 from rexmol.systems import System, load_system
 
 SPLIT_FRACTIONS = (("train", 0.80), ("val", 0.05), ("test", 0.15))
@@ -68,19 +69,6 @@ def software_versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return versions
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, mode) as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -10,11 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-import tomllib
+import sys
 from pathlib import Path
 
 import numpy as np
+
+from rexmol.atomic import write_atomic
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 __all__ = [
     "DEFAULT_PUBLISHED",
@@ -68,11 +74,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON atomically (numpy values converted; NaN -> null, +-inf -> "inf"/"-inf")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(jsonable(obj), fh, indent=2, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Timer
 from torch import Tensor
 
+from rexmol.data import random_rotations
 from rexmol.models.checkpoint import OUTPUT_KINDS, save_generator
 from rexmol.models.dit import AtomDiT, DiTConfig
 from rexmol.systems import load_system
@@ -35,6 +36,16 @@ def mean_free_noise(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch
     """Standard Gaussian [B, N, 3] projected to zero centroid (the mean-free prior)."""
     z = torch.randn(shape, dtype=dtype, generator=generator, device=device)
     return z - z.mean(dim=1, keepdim=True)
+
+
+def equivariance_error(model: torch.nn.Module, x: Tensor, t: Tensor, seed: int = 7) -> float:
+    """Relative rotation-equivariance error ||f(R x) - R f(x)|| / ||R f(x)|| of a model over one random proper
+    rotation R per sample; ``x`` [B, N, 3] normalised, ``t`` [B]."""
+    rot = random_rotations(len(x), dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        rotated_out = model(x @ rot.transpose(1, 2), t)
+        out_rotated = model(x, t) @ rot.transpose(1, 2)
+    return float((rotated_out - out_rotated).norm() / out_rotated.norm())
 
 
 def flow_matching_loss(model: torch.nn.Module, x1: Tensor, x0: Tensor, u: Tensor, *, output_kind: str = "velocity",

@@ -122,14 +122,36 @@ def test_evaluate_ckpt_compares_solvers_from_the_same_draws(dataset, tmp_path, c
             "--seed", "4"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "| DiT | rex-euler (2 steps) |" in text and "| DiT | euler (2 steps) |" in text
+    exact = ", log q: integrated exact trace"
+    assert f"| DiT | rex-euler (2 steps){exact} |" in text and f"| DiT | euler (2 steps){exact} |" in text
     report = json.loads((out / "report" / "report.json").read_text())
-    assert [r["solver"] for r in report["runs"]] == ["rex-euler (2 steps)", "princeps-euler (2 steps)",
-                                                     "euler (2 steps)"]
+    assert [r["solver"] for r in report["runs"]] == [f"rex-euler (2 steps){exact}", f"princeps-euler (2 steps){exact}",
+                                                     f"euler (2 steps){exact}"]
     rex, princeps, euler = (np.load(out / name / "samples.npz") for name in ("rex-euler", "princeps-euler", "euler"))
     assert rex["roundtrip_x"].max() < 1e-8 < euler["roundtrip_x"].max()  # exact inverse vs truncation error
     # Lawson-Euler in data coordinates is velocity Euler on this path: equal samples iff the prior draws are equal
     np.testing.assert_allclose(princeps["x"], euler["x"], rtol=0, atol=1e-10)
+
+
+def test_solver_entries_set_steps_and_logq_per_row_from_the_same_draws(dataset, tmp_path, capsys):
+    ckpt = make_tiny_ckpt(tmp_path / "tiny.pt")
+    out = tmp_path / "entries"
+    argv = ["evaluate", "--ckpt", ckpt, "--solvers", "rex-euler@2:discrete,rex-euler@2,rex-euler@3:exact",
+            "--steps", "5", "--n", "3", "--batch-size", "3", "--trace-method", "vjp-loop", "--no-roundtrip",
+            "--reference", str(dataset), "--out", str(out), "--seed", "4"]
+    assert main(argv) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [r["solver"] for r in report["runs"]] == [
+        "rex-euler (2 steps), log q: discrete-map exact", "rex-euler (2 steps), log q: integrated exact trace",
+        "rex-euler (3 steps), log q: integrated exact trace"]
+    disc, integ = (np.load(out / name / "samples.npz") for name in ("rex-euler_2_discrete", "rex-euler_2"))
+    np.testing.assert_array_equal(disc["x"], integ["x"])  # same draws, same grid: same samples, other log q
+    assert not np.allclose(disc["log_q"], integ["log_q"], rtol=0, atol=1e-6)  # 2 Euler steps: they differ
+    for bad in ("rex-euler@:exact", "rex-euler:trace", "rex-euler@2@3"):
+        assert main([*argv[:4], bad, *argv[5:]]) == 2
+        assert "SOLVER[@STEPS][:LOGQ]" in capsys.readouterr().err
+    assert main([*argv[:4], "euler,euler", *argv[5:]]) == 2
+    assert "repeats" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end_on_small_inputs(dataset, tmp_path, capsys):

@@ -6,9 +6,9 @@ import torch
 from dit_support import jittered_frames, write_dataset
 
 from rexmol.commands.train import main as train_main
-from rexmol.data import MDDataModule, random_rotations
+from rexmol.data import MDDataModule
 from rexmol.models.checkpoint import load_generator, save_generator
-from rexmol.training import ExportGenerator, FlowMatching, flow_matching_loss, mean_free_noise
+from rexmol.training import ExportGenerator, FlowMatching, equivariance_error, flow_matching_loss, mean_free_noise
 
 
 def trainer(tmp_path, max_steps, **kwargs) -> L.Trainer:
@@ -54,15 +54,6 @@ def trained(tmp_path_factory):
     module = FlowMatching(size="tiny", lr=3e-3, warmup_steps=10, schedule_steps=300, ema_decay=0.95)
     trainer(tmp, 300).fit(module, datamodule=dm)
     return module, dm, tmp
-
-
-def equivariance_error(model, x, t) -> float:
-    """Relative error ||f(Rx) - R f(x)|| / ||f(x)|| over random rotations R."""
-    rot = random_rotations(len(x), dtype=x.dtype, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        rotated_out = model(x @ rot.transpose(1, 2), t)
-        out_rotated = model(x, t) @ rot.transpose(1, 2)
-    return float((rotated_out - out_rotated).norm() / out_rotated.norm())
 
 
 def test_trained_model_is_approximately_rotation_equivariant(trained):

@@ -33,32 +33,54 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="report folder (DIR/report), or the root of the sample folders with --ckpt")
     parser.add_argument("--ckpt", type=Path, default=None, help="sample this checkpoint with every --solvers entry")
     parser.add_argument("--solvers", default="dopri5,rex-dopri5",
-                        help="comma-separated solver names for --ckpt (e.g. torchdiffeq-dopri5,dopri5,rex-dopri5)")
+                        help="comma-separated entries SOLVER[@STEPS][:LOGQ] for --ckpt, e.g. "
+                             "torchdiffeq-dopri5,dopri5,rex-dopri5 or rex-rk4@8:discrete,rex-rk4@8:exact "
+                             "(@STEPS overrides --steps, :LOGQ overrides --trace for that entry)")
     parser.add_argument("--n", type=int, default=256, help="samples per solver with --ckpt")
     add_solver_options(parser)
 
 
-def _folder_name(solver: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", solver)
+_ENTRY = re.compile(r"^(?P<solver>[A-Za-z0-9_.-]+)(?:@(?P<steps>[0-9]+))?(?::(?P<logq>exact|hutchinson|discrete))?$")
+
+
+def parse_solver_entry(entry: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace]:
+    """``SOLVER[@STEPS][:LOGQ]`` -> (solver name, options with ``steps``/``trace`` overridden for this entry)."""
+    m = _ENTRY.match(entry)
+    if m is None:
+        raise ValueError(f"--solvers entry {entry!r} is not SOLVER[@STEPS][:LOGQ] "
+                         "(LOGQ: exact, hutchinson or discrete), e.g. rex-rk4@8:discrete")
+    opts = argparse.Namespace(**vars(args))
+    if m["steps"] is not None:
+        opts.steps = int(m["steps"])
+    if m["logq"] is not None:
+        opts.trace = m["logq"]
+    return m["solver"], opts
+
+
+def _folder_name(entry: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", entry)
 
 
 def sample_solvers(args: argparse.Namespace) -> list[Path]:
-    """Sample ``args.ckpt`` with each solver of ``args.solvers`` into ``args.out/<solver>``; returns the folders."""
+    """Sample ``args.ckpt`` with each entry of ``args.solvers`` (``SOLVER[@STEPS][:LOGQ]``) into
+    ``args.out/<entry>``, all from the same prior draws (``args.seed``); returns the folders."""
     from rexmol.sampling import sample
 
-    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
-    if not solvers:
+    entries = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    if not entries:
         raise ValueError("--solvers names no solver")
+    if len(set(entries)) != len(entries):
+        raise ValueError(f"--solvers repeats an entry: {args.solvers!r}")
     if args.out is None:
         raise ValueError("--out DIR is required with --ckpt (sample folders and the report go there)")
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be >= 1")
-    specs = [proposal_spec(args, solver) for solver in solvers]
+    specs = [proposal_spec(opts, solver) for solver, opts in (parse_solver_entry(e, args) for e in entries)]
     for spec in specs:  # fail fast: bad checkpoint, unknown solver, singular end time
         spec.build()
     dirs = []
-    for solver, spec in zip(solvers, specs):
-        out = args.out / _folder_name(solver)
+    for entry, spec in zip(entries, specs):
+        out = args.out / _folder_name(entry)
         sample(spec.build, out, args.n, args.batch_size, args.seed, processes=args.processes, quiet=args.quiet)
         dirs.append(out)
     return dirs
