@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +129,15 @@ def _wrap(a: np.ndarray) -> np.ndarray:
     return np.mod(np.asarray(a, dtype=np.float64) + np.pi, 2 * np.pi) - np.pi
 
 
+def _wrap_label(label: str, width: int) -> str:
+    """``label`` with each of its lines wrapped at ``width`` characters (for panel titles)."""
+    return "\n".join(textwrap.fill(line, width) for line in label.split("\n"))
+
+
 def plot_ramachandran(path, panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
-                      title: str = "") -> None:
-    """One 2-D histogram per panel: ``(label, phi [N], psi [N], weights [N] or None)``, radians.
+                      title: str = "", max_columns: int = 5) -> None:
+    """One 2-D histogram per panel: ``(label, phi [N], psi [N], weights [N] or None)``, radians; at most
+    ``max_columns`` panels a row.
 
     Colour is the log density on one scale shared by all panels (8 nats below the highest bin).
     """
@@ -146,16 +153,21 @@ def plot_ramachandran(path, panels: list[tuple[str, np.ndarray, np.ndarray, np.n
                                  weights=None if w is None else np.asarray(w, dtype=np.float64)[ok], density=True)
         logh.append(np.log(np.where(h > 0, h, np.nan)).T)
     vmax = max((float(np.nanmax(h)) for h in logh if np.isfinite(h).any()), default=0.0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
-    for ax, (label, *_), h in zip(axes[0], panels, logh):
+    ncols = min(len(panels), max_columns)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.9 * nrows), squeeze=False)
+    for ax, (label, *_), h in zip(axes.flat, panels, logh):
         mesh = ax.pcolormesh(edges, edges, h, cmap="viridis", shading="flat", vmin=vmax - 8.0, vmax=vmax)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(_wrap_label(label, 34), fontsize=8)
         ax.set_xlabel("phi (rad)")
         ax.set_xlim(-np.pi, np.pi)
         ax.set_ylim(-np.pi, np.pi)
         ax.set_aspect("equal")
-    fig.colorbar(mesh, ax=axes[0].tolist(), label="log density", shrink=0.85)
-    axes[0][0].set_ylabel("psi (rad)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.colorbar(mesh, ax=axes.ravel().tolist(), label="log density", shrink=0.85)
+    for row in axes:
+        row[0].set_ylabel("psi (rad)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
