@@ -50,6 +50,8 @@ class ProposalSpec:
     (0 = noise, 1 = data; data-kind coordinates need t1 < 1). ``logq``: "exact" | "hutchinson" | "discrete"
     (discrete: samples where the solver map folds get log q = NaN, i.e. weight 0 and counted as non-finite).
     ``roundtrip``: also run the backward pass and record the certificate (doubles the cost).
+    ``model_dtype``: precision the network runs in (None: ``dtype``); float32 with a float64 state keeps Rex's
+    round trip near float32 round-off where a float32 state would lose it (see :mod:`rexmol.models.precision`).
     """
 
     ckpt: str
@@ -66,10 +68,12 @@ class ProposalSpec:
     zeta: float = 1.0
     roundtrip: bool = True
     device: str = "cpu"
+    model_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {tuple(DTYPES)}")
+        for name, value in (("dtype", self.dtype), ("model_dtype", self.model_dtype or self.dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"unknown {name} {value!r}; choose from {tuple(DTYPES)}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose 'cpu' or 'cuda'")
         if not 0.0 <= self.t0 < self.t1 <= 1.0:
@@ -112,8 +116,12 @@ class FlowProposal:
         from rexmol.likelihood.priors import MeanFreeGaussian
         from rexmol.solvers import FlowMatching, LawsonCoordinates, make_solver
 
+        from rexmol.models.precision import CastModel
+
         self.device = _torch_device(spec.device)
-        self.spec, self.generator = spec, generator.to(device=self.device, dtype=DTYPES[spec.dtype])
+        model_dtype = DTYPES[spec.model_dtype or spec.dtype]
+        self.spec, self.generator = spec, generator.to(device=self.device, dtype=model_dtype)
+        self.model = generator.model if model_dtype == DTYPES[spec.dtype] else CastModel(generator.model, model_dtype)
         self.system = generator.system
         if generator.sigma_min != 0.0:
             raise ValueError(f"checkpoint has sigma_min={generator.sigma_min}; the solvers assume the path sigma_min=0")
@@ -121,7 +129,7 @@ class FlowProposal:
         self.coords = LawsonCoordinates(FlowMatching(), kind=spec.lawson, output=generator.output_kind)
         self.description = spec.description(sha256)
         if spec.solver not in TORCHDIFFEQ_SOLVERS:
-            make_solver(spec.solver, generator.model, coords=self.coords)  # validates the name
+            make_solver(spec.solver, self.model, coords=self.coords)  # validates the name
             if spec.solver.startswith(("rex-", "princeps-")):  # Lawson coordinates may be singular at an end
                 self.coords.check_time(spec.t0)
                 self.coords.check_time(spec.t1)
@@ -156,7 +164,7 @@ class FlowProposal:
 
         s = self.spec
         with torch.no_grad():
-            out = sample_with_logq(self.generator.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
+            out = sample_with_logq(self.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
                                    zeta=s.zeta, options=LogQOptions(mode=s.logq, method=s.trace_method))
             cert = roundtrip_certificate(out) if s.roundtrip else None
         logq = out.logq
@@ -167,7 +175,7 @@ class FlowProposal:
 
     def _torchdiffeq(self, x0: torch.Tensor):
         s = self.spec
-        return torchdiffeq_logq(self.generator.model, self.prior, x0, s.t0, s.t1, rtol=s.rtol, atol=s.atol,
+        return torchdiffeq_logq(self.model, self.prior, x0, s.t0, s.t1, rtol=s.rtol, atol=s.atol,
                                 output=self.generator.output_kind, trace_method=s.trace_method,
                                 roundtrip=s.roundtrip)
 

@@ -26,7 +26,11 @@ def add_solver_options(parser: argparse.ArgumentParser) -> None:
                         help="log-density: exact divergence, Hutchinson (biased weights!), or exact density of "
                              "the discrete map")
     parser.add_argument("--trace-method", default="auto", help="exact-trace implementation (auto: fastest by probe)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                        help="precision of the solver state, log q and tangents")
+    parser.add_argument("--model-dtype", choices=["float32", "float64"], default=None,
+                        help="precision the network runs in (default: --dtype); float32 with --dtype float64 keeps "
+                             "Rex's round trip near float32 round-off at float32 network cost")
     parser.add_argument("--zeta", type=float, default=1.0, help="Rex coupling in (0, 1]")
     parser.add_argument("--no-roundtrip", action="store_true",
                         help="skip the backward pass that certifies each sample's round trip (halves the cost)")
@@ -61,7 +65,8 @@ def proposal_spec(args: argparse.Namespace, solver: str):
     return ProposalSpec(ckpt=str(Path(args.ckpt).resolve()), solver=solver, rtol=args.rtol,
                         atol=args.rtol if args.atol is None else args.atol, steps=args.steps, lawson=args.lawson,
                         t0=args.t0, t1=args.t1, logq=args.trace, trace_method=args.trace_method, dtype=args.dtype,
-                        zeta=args.zeta, roundtrip=not args.no_roundtrip, device=args.device)
+                        zeta=args.zeta, roundtrip=not args.no_roundtrip, device=args.device,
+                        model_dtype=args.model_dtype)
 
 
 def run_gaussian(args: argparse.Namespace) -> int:
