@@ -20,6 +20,7 @@ the batch — not the rank — is the unit of work).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -30,6 +31,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from rexmol.atomic import write_atomic
 from rexmol.systems import System
 
 __all__ = [
@@ -139,12 +141,9 @@ def sample_batch(proposal: Proposal, energy, seed: int, indices: np.ndarray) -> 
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
 
 
 class SampleRun:
@@ -218,13 +217,12 @@ class SampleRun:
         if not np.array_equal(data["index"], np.arange(self.n)):
             raise ValueError(f"{self.out}: batch files do not hold samples 0..{self.n - 1} in order")
         _write_npz_atomic(self.out / "samples.npz", data)
-        tmp = self.out / f".records.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            for i in range(self.n):
-                rec = {k: data[k][i].item() for k in RECORD_FIELDS}
-                fh.write(json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+        lines = []
+        for i in range(self.n):
+            rec = {k: data[k][i].item() for k in RECORD_FIELDS}
+            lines.append(json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v)
                                      for k, v in rec.items()}) + "\n")
-        os.replace(tmp, self.out / "records.jsonl")
+        write_atomic(self.out / "records.jsonl", "".join(lines))
         traj = mdtraj.Trajectory(data["x"].astype(np.float32), system.mdtraj_topology)
         tmp = self.out / f".samples.{os.getpid()}.dcd"
         traj.save_dcd(str(tmp))
