@@ -9,20 +9,21 @@
 #   N=10000 OUT=runs/discrete_ala3 bash evaluation/discrete_density_ala3.sh
 #
 # Cost per NFE of `discrete` is about that of `exact` (the full 96 x 96 Jacobian comes from the same products as
-# the trace); fixed grids are uniform in t, independent of the samples as the discrete density needs. Velocity-kind
-# Lawson coordinates on [0, 1] (Rex = McCallum-Foster reversible RK in t): no singular end for a velocity model.
+# the trace); fixed grids are uniform in t, independent of the samples as the discrete density needs. Data-kind
+# Lawson coordinates on [0, 0.999] (the paper's Rex), float64 state around a float32 network (--model-dtype).
 set -euo pipefail
 CKPT=${CKPT:-data/ala3/model/generator.pt}
 N=${N:-10000}
 OUT=${OUT:-runs/discrete_ala3}
 SEED=${SEED:-0}
 DTYPE=${DTYPE:-float64}
+MODEL_DTYPE=${MODEL_DTYPE:-float32}
 PROCESSES=${PROCESSES:-2}
 BATCH=${BATCH:-16}
 SOLVERS=${SOLVERS:-rex-rk4@8:discrete,rex-rk4@16:discrete,rex-rk4@32:discrete,rex-rk4@8:exact,rex-dopri5:exact}
 REXMOL=${REXMOL:-.venv/bin/rexmol}
 
-"$REXMOL" evaluate --ckpt "$CKPT" --solvers "$SOLVERS" --rtol 1e-4 --lawson velocity --t1 1 \
-    --n "$N" --batch-size "$BATCH" --processes "$PROCESSES" --dtype "$DTYPE" --no-roundtrip \
+"$REXMOL" evaluate --ckpt "$CKPT" --solvers "$SOLVERS" --rtol 1e-4 --lawson data --t1 0.999 \
+    --n "$N" --batch-size "$BATCH" --processes "$PROCESSES" --dtype "$DTYPE" --model-dtype "$MODEL_DTYPE" --no-roundtrip \
     --reference data/ala3 --out "$OUT" --seed "$SEED" --quiet
 cat "$OUT/report/report.md"
