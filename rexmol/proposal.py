@@ -114,9 +114,8 @@ class FlowProposal:
 
     def __init__(self, spec: ProposalSpec, generator, sha256: str):
         from rexmol.likelihood.priors import MeanFreeGaussian
-        from rexmol.solvers import FlowMatching, LawsonCoordinates, make_solver
-
         from rexmol.models.precision import CastModel
+        from rexmol.solvers import FlowMatching, LawsonCoordinates, make_solver
 
         self.device = _torch_device(spec.device)
         model_dtype = DTYPES[spec.model_dtype or spec.dtype]
