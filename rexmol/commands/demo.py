@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solvers", default=None, help=f"comma-separated solvers (demo: {DEMO['solvers']})")
     parser.add_argument("--max-reference", type=int, default=10_000, help="MD test frames compared against")
     add_solver_options(parser)
-    parser.set_defaults(**{key: None for key in DEMO if key not in ("n", "solvers")})
+    parser.set_defaults(**{key: None for key in DEMO})  # unset options take the preset (demo or --full)
 
 
 def _shipped(path: Path) -> Path:
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         tol = f"{args.steps} steps" if args.steps else f"rtol = atol = {args.rtol if args.atol is None else args.atol:g}"
         print(f"rexmol demo: {args.n} samples per solver ({args.solvers}), {tol}, {args.lawson}-kind Lawson "
               f"coordinates, t in [{args.t0:g}, {args.t1:g}], {args.dtype} state, {args.model_dtype or args.dtype} "
-              f"network, log q by {args.trace} trace unless an "
-              f"entry says :discrete, {args.processes} process(es); output {args.out}")
+              f"network, log q by {args.trace} trace unless an entry says :discrete, {args.processes} process(es); "
+              f"output {args.out}")
     start = time.perf_counter()
     status = evaluate.run(args)
     if not args.quiet:
