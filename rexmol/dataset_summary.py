@@ -44,6 +44,7 @@ def summarise_dataset(data_dir: str | Path) -> dict[str, Any]:
         summary["splits"][split] = entry
     if panels:
         plot_ramachandran(data_dir / "ramachandran.png", panels,
-                          title=f"{system.name}: {manifest['total_ns']:.1f} ns of MD")
+                          title=f"{system.name}: {manifest['total_ns']:.3g} ns of MD "
+                                f"({manifest['frame_interval_ps']:g} ps frames)")
     write_json(data_dir / "summary.json", summary)
     return summary

@@ -9,14 +9,19 @@ Solvers: every name of :func:`rexmol.solvers.make_solver` (``rex-dopri5``, ``dop
 :func:`rexmol.likelihood.flow.sample_with_logq`, plus ``torchdiffeq-dopri5``: the published baseline's ODE solve
 (torchdiffeq dopri5 on the augmented state (x, ell) in t, exact divergence, error control on both components).
 
-Units: the model works in normalised coordinates x_norm = x_nm / scale on the 3(N-1)-dimensional mean-free
-subspace, so log q_nm(x_nm) = log q_norm(x_norm) - 3(N-1) log(scale).
+Units: the network's flow runs in the generator's model coordinates (:mod:`rexmol.models.space`: normalised
+Cartesian on the mean-free subspace, or standardised internal coordinates), from draws of its prior; after the
+solve the space decodes the samples to Cartesian nm, and log q_nm(x_nm) = log q_model(x_model) - log|det dx_nm/dx|
+(Cartesian: 3(N-1) log(scale)). A sample whose decode is flagged (near-singular geometry) gets log q = NaN: weight
+0, counted as non-finite. The round-trip certificate is measured in model coordinates, where the solver runs.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,7 @@ import torch
 
 from rexmol.sampling import ProposalBatch
 
-__all__ = ["TORCHDIFFEQ_SOLVERS", "ProposalSpec", "FlowProposal", "file_sha256", "torchdiffeq_logq"]
+__all__ = ["TORCHDIFFEQ_SOLVERS", "ProposalSpec", "FlowProposal", "file_sha256", "model_label", "torchdiffeq_logq"]
 
 TORCHDIFFEQ_SOLVERS = ("torchdiffeq-dopri5",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -69,6 +74,9 @@ class ProposalSpec:
     roundtrip: bool = True
     device: str = "cpu"
     model_dtype: str | None = None
+    grid: str = "t"
+    error_norm: str = "x+logq"
+    step_control: str = "per-sample"
 
     def __post_init__(self) -> None:
         for name, value in (("dtype", self.dtype), ("model_dtype", self.model_dtype or self.dtype)):
@@ -80,14 +88,31 @@ class ProposalSpec:
             raise ValueError(f"need 0 <= t0 < t1 <= 1, got t0={self.t0}, t1={self.t1}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a finite number > 0, got {value}")
+        if not 0.0 < self.zeta <= 1.0:
+            raise ValueError(f"--zeta must be in (0, 1], got {self.zeta}")
+        from rexmol.likelihood.flow import ERROR_NORMS
+        from rexmol.solvers.control import CONTROLS
+        from rexmol.solvers.grids import GRID_KINDS
+
+        for name, value, allowed in (("grid", self.grid, GRID_KINDS), ("error-norm", self.error_norm, ERROR_NORMS),
+                                     ("step-control", self.step_control, CONTROLS)):
+            if value not in allowed:
+                raise ValueError(f"--{name} {value!r} is unknown; choose from {', '.join(allowed)}")
         if self.solver in TORCHDIFFEQ_SOLVERS:
             if self.steps is not None or self.logq != "exact":
                 raise ValueError(f"{self.solver} is adaptive with the exact trace: no --steps, --logq exact")
 
-    def description(self, sha256: str) -> dict[str, Any]:
-        d = {"model": "DiT", **asdict(self), "ckpt_sha256": sha256}
+    def description(self, sha256: str, model: str = "DiT") -> dict[str, Any]:
+        d = {"model": model, **asdict(self), "ckpt_sha256": sha256}
         if self.steps is not None:
-            d["rtol"] = d["atol"] = None
+            d["rtol"] = d["atol"] = d["error_norm"] = d["step_control"] = None
+        else:
+            d["grid"] = None
+        if self.solver in TORCHDIFFEQ_SOLVERS:  # torchdiffeq's own controller: RMS over the batch's (x, ell)
+            d["error_norm"], d["step_control"] = "x+logq (torchdiffeq RMS)", "shared (torchdiffeq)"
         if self.solver in TORCHDIFFEQ_SOLVERS or self.solver.rpartition("-")[0] == "":
             d["lawson"] = "velocity (t)"
         return d
@@ -96,8 +121,25 @@ class ProposalSpec:
         """Load the checkpoint and check the solver settings (ValueError/FileNotFoundError on bad input)."""
         from rexmol.models.checkpoint import load_generator
 
-        gen = load_generator(self.ckpt)
+        if Path(self.ckpt).is_dir():
+            raise ValueError(f"checkpoint {self.ckpt} is a folder; pass the generator file in it (generator.pt) "
+                             "or a `rexmol train` .ckpt")
+        try:
+            gen = load_generator(self.ckpt)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
+            raise ValueError(f"checkpoint {self.ckpt} is unreadable ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]}); it is damaged or not a rexmol checkpoint: "
+                             "restore it or pass another --ckpt") from err
         return FlowProposal(self, gen, file_sha256(self.ckpt))
+
+
+def model_label(generator) -> str:
+    """Row label of a generator in reports: ``DiT`` (Cartesian DiT), else network and coordinates, e.g.
+    ``Hollow (internal)`` or ``Token (internal)`` for the non-hollow twin."""
+    if generator.network == "dit" and generator.coordinates == "cartesian":
+        return "DiT"
+    name = {"dit": "DiT", "hollow": "Hollow" if getattr(generator.model.config, "hollow", True) else "Token"}
+    return f"{name.get(generator.network, generator.network)} ({generator.coordinates})"
 
 
 def _torch_device(name: str) -> torch.device:
@@ -113,7 +155,6 @@ class FlowProposal:
     """Callable ``proposal(z [B, N, 3]) -> ProposalBatch`` for a loaded generator; see the module doc."""
 
     def __init__(self, spec: ProposalSpec, generator, sha256: str):
-        from rexmol.likelihood.priors import MeanFreeGaussian
         from rexmol.models.precision import CastModel
         from rexmol.solvers import FlowMatching, LawsonCoordinates, make_solver
 
@@ -124,23 +165,24 @@ class FlowProposal:
         self.system = generator.system
         if generator.sigma_min != 0.0:
             raise ValueError(f"checkpoint has sigma_min={generator.sigma_min}; the solvers assume the path sigma_min=0")
-        self.prior = MeanFreeGaussian(generator.n_atoms, 3)
+        self.prior = generator.prior
         self.coords = LawsonCoordinates(FlowMatching(), kind=spec.lawson, output=generator.output_kind)
-        self.description = spec.description(sha256)
+        self.description = spec.description(sha256, model_label(generator))
         if spec.solver not in TORCHDIFFEQ_SOLVERS:
             make_solver(spec.solver, self.model, coords=self.coords)  # validates the name
             if spec.solver.startswith(("rex-", "princeps-")):  # Lawson coordinates may be singular at an end
                 self.coords.check_time(spec.t0)
                 self.coords.check_time(spec.t1)
-        self.log_scale_jacobian = self.prior.dim * math.log(generator.scale)
 
     def _steps(self):
         from rexmol.solvers import AdaptiveSteps, FixedGrid
 
         s = self.spec
         if s.steps is not None:
-            return FixedGrid.uniform_t(s.t0, s.t1, s.steps)
-        return AdaptiveSteps(s.t0, s.t1, rtol=s.rtol, atol=s.atol)
+            from rexmol.likelihood.flow import solver_coords
+
+            return FixedGrid.named(s.grid, solver_coords(s.solver, self.coords), s.t0, s.t1, s.steps)
+        return AdaptiveSteps(s.t0, s.t1, rtol=s.rtol, atol=s.atol, control=s.step_control)
 
     def __call__(self, z: np.ndarray) -> ProposalBatch:
         dtype = DTYPES[self.spec.dtype]
@@ -150,10 +192,11 @@ class FlowProposal:
         else:
             x, logq, nfe, rt_x, rt_logq = self._rex_family(x0)
         b = x0.shape[0]
-        x_nm = self.generator.to_nm(x.detach()).to("cpu", torch.float64).numpy()
+        x_nm, log_det, flags = self.generator.space.decode(x.detach())
+        logq_nm = torch.where(flags, torch.full_like(logq, float("nan")), logq.detach() - log_det.to(logq))
         return ProposalBatch(
-            x=x_nm, log_q=logq.detach().to("cpu", torch.float64).numpy() - self.log_scale_jacobian,
-            nfe=np.full(b, nfe, dtype=np.int64),
+            x=x_nm.to("cpu", torch.float64).numpy(), log_q=logq_nm.to("cpu", torch.float64).numpy(),
+            nfe=np.broadcast_to(np.asarray(nfe, dtype=np.int64), (b,)).copy(),
             roundtrip_x=np.full(b, np.nan) if rt_x is None else rt_x.to("cpu", torch.float64).numpy(),
             roundtrip_logq=np.full(b, np.nan) if rt_logq is None else rt_logq.to("cpu", torch.float64).numpy(),
         )
@@ -164,12 +207,12 @@ class FlowProposal:
         s = self.spec
         with torch.no_grad():
             out = sample_with_logq(self.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
-                                   zeta=s.zeta, options=LogQOptions(mode=s.logq, method=s.trace_method))
+                                   zeta=s.zeta, options=LogQOptions(mode=s.logq, method=s.trace_method, error_norm=s.error_norm))
             cert = roundtrip_certificate(out) if s.roundtrip else None
         logq = out.logq
         if out.folded is not None:  # discrete density invalid where the solver map folds: weight 0, counted
             logq = torch.where(out.folded, torch.full_like(logq, float("nan")), logq)
-        return (out.x, logq, out.nfe, None if cert is None else cert.x0_error,
+        return (out.x, logq, out.sample_nfe, None if cert is None else cert.x0_error,
                 None if cert is None else cert.logq_error)
 
     def _torchdiffeq(self, x0: torch.Tensor):

@@ -16,15 +16,23 @@ not finite has ``nonfinite`` set and gets weight 0 downstream (it is counted, ne
 Reproducibility: sample ``i`` starts from standard-normal draws generated from ``(seed, i)`` alone, and batch
 ``b`` always holds samples ``[b B, (b + 1) B)``. Batches are dealt round-robin to ranks, so the same seed gives
 the same samples for any number of processes (adaptive step control is shared within a batch, which is why
-the batch — not the rank — is the unit of work).
+the batch — not the rank — is the unit of work): every batch's inputs are bitwise equal; its outputs are too
+given the same network round-off (same trace method and thread count; worker ranks run one thread each).
+
+Faults: every setting is checked (and the folder opened) in the calling process before a worker starts or a
+file is written; a damaged batch file, ``samples.npz`` or ``run.json`` is refused with the file and the fix
+named; the count of finished batches comes from one directory listing and is then kept incrementally.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import socket
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -48,6 +56,11 @@ __all__ = [
 ]
 
 FORMAT = "rexmol-samples/1"
+FINAL_OUTPUTS = ("samples.npz", "records.jsonl", "samples.dcd", "topology.pdb", "summary.json")
+_BATCH_NAME = re.compile(r"b([0-9]{5,})\.npz")
+# arrays of a batch file besides its "seconds" and "cpu_seconds" (see sample_batch)
+BATCH_FIELDS = ("index", "x", "log_q", "energy", "log_w", "nfe", "roundtrip_x", "roundtrip_logq", "energy_failed",
+                "nonfinite", "wrong_chirality")
 RECORD_FIELDS = ("index", "log_q", "energy", "log_w", "nfe", "roundtrip_x", "roundtrip_logq", "energy_failed",
                  "nonfinite", "wrong_chirality", "batch", "wall_seconds", "cpu_seconds")
 # Coordinates beyond this many nm are an exploded sample, not a molecule (the energy bridge refuses them).
@@ -168,24 +181,53 @@ class SampleRun:
         """Create the folder, or check that the run stored there has this exact config (else ValueError)."""
         from rexmol.report import write_json
 
-        self.batch_dir.mkdir(parents=True, exist_ok=True)
+        check_output_folder(self.out)
         path = self.out / "run.json"
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = read_run_json(path)
             new = json.loads(json.dumps(self.config))
             if old != new:
                 keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise ValueError(f"{self.out} holds a different sampling run (differs in {', '.join(keys)}); "
                                  "use another --out or the original settings to resume")
-        else:
+        self.batch_dir.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
             write_json(path, self.config)
 
+    def done(self) -> set[int]:
+        """Indices of the batches whose file exists (one directory listing, not one check per batch)."""
+        if not self.batch_dir.is_dir():
+            return set()
+        names = (e.name for e in os.scandir(self.batch_dir) if e.is_file())
+        return {int(m[1]) for m in map(_BATCH_NAME.fullmatch, names) if m and int(m[1]) < self.n_batches}
+
     def missing(self) -> list[int]:
-        return [b for b in range(self.n_batches) if not self.batch_path(b).is_file()]
+        done = self.done()
+        return [b for b in range(self.n_batches) if b not in done]
+
+    def size(self, b: int) -> int:
+        """Number of samples in batch ``b``."""
+        return min(self.batch_size, self.n - b * self.batch_size)
 
     def n_done(self) -> int:
-        return sum(len(batch_indices(self.n, self.batch_size, b)) for b in range(self.n_batches)
-                   if self.batch_path(b).is_file())
+        return sum(self.size(b) for b in self.done())
+
+    def read_batch(self, b: int) -> dict[str, np.ndarray]:
+        """Arrays of batch ``b``; ValueError naming the file and the fix if it is damaged or holds other samples."""
+        path = self.batch_path(b)
+        hint = f"delete it and rerun the same command to recompute batch {b}"
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is damaged ({' '.join(str(err).split())}); {hint}") from err
+        expected = batch_indices(self.n, self.batch_size, b)
+        keys = {*BATCH_FIELDS, "seconds", "cpu_seconds"}
+        if not keys <= set(arrays) or not np.array_equal(arrays["index"], expected):
+            raise ValueError(f"{path} does not hold samples {expected[0]}..{expected[-1]} of this run; {hint}")
+        if any(len(arrays[k]) != len(expected) for k in BATCH_FIELDS):
+            raise ValueError(f"{path} holds arrays of inconsistent length; {hint}")
+        return arrays
 
     def write_batch(self, b: int, record: dict[str, np.ndarray], seconds: float, cpu_seconds: float) -> None:
         """Write batch ``b`` atomically with its wall and CPU (this process) time."""
@@ -204,13 +246,13 @@ class SampleRun:
             raise ValueError(f"{self.out}: {len(missing)} of {self.n_batches} batches missing; rerun to resume")
         parts, seconds, cpu = [], 0.0, 0.0
         for b in range(self.n_batches):
-            with np.load(self.batch_path(b)) as f:
-                part = {k: f[k] for k in f.files if k not in ("seconds", "cpu_seconds")}
-                seconds += float(f["seconds"])
-                cpu += float(f["cpu_seconds"])
-                size = len(part["index"])
-                part["wall_seconds"] = np.full(size, float(f["seconds"]) / size)
-                part["cpu_seconds"] = np.full(size, float(f["cpu_seconds"]) / size)
+            f = self.read_batch(b)
+            part = {k: f[k] for k in BATCH_FIELDS}
+            seconds += float(f["seconds"])
+            cpu += float(f["cpu_seconds"])
+            size = len(part["index"])
+            part["wall_seconds"] = np.full(size, float(f["seconds"]) / size)
+            part["cpu_seconds"] = np.full(size, float(f["cpu_seconds"]) / size)
             part["batch"] = np.full(size, b, dtype=np.int64)
             parts.append(part)
         data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -242,6 +284,27 @@ class SampleRun:
         return summary
 
 
+def check_output_folder(out: Path) -> None:
+    """ValueError if ``out`` (or a folder above it) exists as a file, so nothing can be written there."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out {out}: {p} is a file, not a folder; choose another output folder")
+            return
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A sample folder's run.json; ValueError naming it if it is not a JSON object."""
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it records what determines the samples: restore it, "
+                         "or sample into another --out") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a rexmol run.json (not a JSON object); sample into another --out")
+    return config
+
+
 def _nanmax(a: np.ndarray) -> float | None:
     return float(np.nanmax(a)) if np.isfinite(a).any() else None
 
@@ -265,8 +328,11 @@ def run_rank(proposal: Proposal, out, n: int, batch_size: int, seed: int, rank: 
     run = SampleRun(out, run_config(proposal, n, batch_size, seed))
     if rank == 0:
         run.open()
-    mine = [b for b in run.missing() if b % world == rank]
-    bar = tqdm(total=n, initial=run.n_done(), unit="sample", disable=quiet or rank != 0, dynamic_ncols=True,
+    missing = run.missing()  # one listing; afterwards counts are kept incrementally
+    mine = [b for b in missing if b % world == rank]
+    others = [b for b in missing if b % world != rank]  # rank 0's bar also counts other ranks' batches, in order
+    done = n - sum(run.size(b) for b in missing)
+    bar = tqdm(total=n, initial=done, unit="sample", disable=quiet or rank != 0, dynamic_ncols=True,
                desc=str(proposal.description.get("solver", "sample")))
     with OpenMMEnergy(proposal.system) as energy:
         for k, b in enumerate(mine):
@@ -275,7 +341,10 @@ def run_rank(proposal: Proposal, out, n: int, batch_size: int, seed: int, rank: 
             t0, c0 = time.perf_counter(), time.process_time()
             record = sample_batch(proposal, energy, seed, batch_indices(n, batch_size, b))
             run.write_batch(b, record, time.perf_counter() - t0, time.process_time() - c0)
-            bar.update(run.n_done() - bar.n)
+            done += run.size(b)
+            while others and run.batch_path(others[0]).is_file():
+                done += run.size(others.pop(0))
+            bar.update(done - bar.n)
     bar.close()
 
 
@@ -301,19 +370,47 @@ def _distributed(make_proposal: Callable[[], Proposal], out, n: int, batch_size:
         dist.barrier()
         run_rank(proposal, out, n, batch_size, seed, rank, world, quiet)
         dist.barrier()
-        if rank == 0:
+        if rank == 0 and init_method == "env://":  # local ranks: the parent finalizes
             run.finalize(proposal.system)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, *args) -> None:
+def _spawned(rank: int, world: int, port: int, errors: str, *args) -> None:
+    """A local worker rank. A bad-input error (ValueError, OSError) is written to ``errors/rank<r>.txt`` for the
+    parent to raise as the same one-line error; Ctrl-C (sent to the whole process group) is the parent's to
+    report, so a worker just ends."""
     import torch
 
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)  # a CUDA proposal picks its GPU from it
-    _distributed(*args, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world=world)
+    try:
+        _distributed(*args, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world=world)
+    except (ValueError, OSError) as err:
+        kind = "OSError" if isinstance(err, OSError) else "ValueError"
+        Path(errors, f"rank{rank}.txt").write_text(f"{kind}\n{err}")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def _spawn(processes: int, args: tuple) -> None:
+    """Run ``processes`` local ranks; a rank's bad-input error is re-raised here as itself, a Ctrl-C as
+    KeyboardInterrupt."""
+    import torch.multiprocessing as tmp
+
+    with tempfile.TemporaryDirectory(prefix="rexmol-ranks-") as errors:
+        try:
+            tmp.spawn(_spawned, args=(processes, _free_port(), errors, *args), nprocs=processes, join=True)
+        except tmp.ProcessExitedException as err:
+            reports = sorted(Path(errors).glob("rank*.txt"))
+            if reports:
+                kind, _, message = reports[0].read_text().partition("\n")
+                raise (OSError if kind == "OSError" else ValueError)(message) from None
+            if err.exit_code == 130:
+                raise KeyboardInterrupt from None
+            raise
 
 
 def sample(make_proposal: Callable[[], Proposal], out, n: int, batch_size: int, seed: int,
@@ -329,15 +426,17 @@ def sample(make_proposal: Callable[[], Proposal], out, n: int, batch_size: int, 
     args = (make_proposal, out, n, batch_size, seed, quiet)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _distributed(*args, init_method="env://")
-    elif processes > 1:
-        import torch.multiprocessing as tmp
-
-        tmp.spawn(_spawned, args=(processes, _free_port(), *args), nprocs=processes, join=True)
+        return json.loads((Path(out) / "summary.json").read_text())
+    proposal = make_proposal()
+    run = SampleRun(out, run_config(proposal, n, batch_size, seed))
+    run.open()  # every check (options, folder, an existing run's settings) before any worker starts
+    if not run.missing() and all((run.out / name).is_file() for name in FINAL_OUTPUTS):
+        return json.loads((run.out / "summary.json").read_text())  # finished: nothing is rewritten
+    if processes > 1:
+        _spawn(processes, args)
     else:
-        proposal = make_proposal()
         run_rank(proposal, out, n, batch_size, seed, quiet=quiet)
-        return SampleRun(out, run_config(proposal, n, batch_size, seed)).finalize(proposal.system)
-    return json.loads((Path(out) / "summary.json").read_text())
+    return run.finalize(proposal.system)
 
 
 def load_samples(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -347,15 +446,22 @@ def load_samples(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
         raise FileNotFoundError(f"sample folder {path} does not exist")
     if not (path / "run.json").is_file():
         raise ValueError(f"{path} is not a rexmol sample folder (no run.json); make one with `rexmol sample`")
-    config = json.loads((path / "run.json").read_text())
+    config = read_run_json(path / "run.json")
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}/run.json has format {config.get('format')!r}, expected {FORMAT!r}")
     if not (path / "samples.npz").is_file():
         run = SampleRun(path, config)
         raise ValueError(f"{path}: sampling unfinished ({run.n_done()} of {run.n} samples); rerun `rexmol sample` "
                          "with the same options to resume")
-    with np.load(path / "samples.npz") as f:
-        data = {k: f[k] for k in f.files}
+    hint = "delete it and rerun `rexmol sample` with the same options to rebuild it from batches/"
+    try:
+        with np.load(path / "samples.npz") as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path / 'samples.npz'} is damaged ({' '.join(str(err).split())}); {hint}") from err
+    fields = (*BATCH_FIELDS, "batch")
+    if not set(fields) <= set(data) or any(len(data[k]) != len(data["index"]) for k in fields):
+        raise ValueError(f"{path / 'samples.npz'} lacks per-sample arrays or they differ in length; {hint}")
     if len(data["index"]) == 0:
         raise ValueError(f"{path}: no samples")
     return config, data

@@ -154,9 +154,41 @@ def load_system(name_or_path: str | Path) -> System:
     spec_file = folder / "spec.toml"
     if not spec_file.is_file():
         raise ValueError(f"unknown system {str(name_or_path)!r}; shipped systems: {', '.join(available_systems())}")
-    with open(spec_file, "rb") as fh:
-        spec = tomllib.load(fh)
+    try:
+        with open(spec_file, "rb") as fh:
+            spec = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{spec_file} is not valid TOML: {err}") from err
     system = System(name=spec.get("name", folder.name), folder=folder, spec=spec)
     if not system.pdb_path.is_file():
         raise FileNotFoundError(f"system {system.name!r}: topology {system.pdb_path} is missing")
+    check_spec(system, spec_file)
     return system
+
+
+# [md] entries (all required, the tolerance optional) and whether each must be > 0 (True) or >= 0 (False)
+MD_NUMBERS = {"timestep_fs": True, "friction_per_ps": True, "frame_interval_ps": True, "equilibration_ps": False,
+              "minimise_tolerance_kj_per_mol_nm": True}
+MD_OPTIONAL = ("minimise_tolerance_kj_per_mol_nm",)
+
+
+def check_spec(system: System, spec_file: Path) -> None:
+    """ValueError naming ``spec_file`` and the entry for a spec the rest of rexmol would trip over later:
+    non-numeric or non-positive MD numbers or temperature, dihedral quadruples that are not 4 atom indices
+    of the topology."""
+    def number(section: str, key: str, value: Any, positive: bool) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+        if not ok or (value <= 0 if positive else value < 0):
+            raise ValueError(f"{spec_file}: [{section}] {key} = {value!r} must be a number "
+                             f"{'> 0' if positive else '>= 0'}")
+
+    number("thermodynamics", "temperature_K", system.spec.get("thermodynamics", {}).get("temperature_K"), True)
+    for key, positive in MD_NUMBERS.items():
+        if key in system.md or key not in MD_OPTIONAL:
+            number("md", key, system.md.get(key), positive)
+    n_atoms = system.n_atoms
+    for name, quads in system.spec.get("dihedrals", {}).items():
+        for q in quads if isinstance(quads, list) else [quads]:
+            if not (isinstance(q, list) and len(q) == 4 and all(isinstance(i, int) and 0 <= i < n_atoms for i in q)):
+                raise ValueError(f"{spec_file}: [dihedrals] {name} entry {q!r} is not 4 atom indices in "
+                                 f"[0, {n_atoms}) of {system.pdb_path.name}")

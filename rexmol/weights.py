@@ -4,10 +4,18 @@ All functions take log-weights ``log w = -E/kT - log q`` as a 1-D array ``[N]`` 
 in float64). A non-finite log-weight (NaN, +inf, or -inf from an infinite energy) gets weight exactly 0;
 such samples still count in ``N`` (they were drawn) and are counted in :class:`SNIS` so a report can state
 how many there were — they are never silently dropped.
+
+The evaluation protocol (clip, SNIS, resample) also runs on *multiplicities*: ``counts`` [N] says how often each
+sample occurs in a (bootstrap) replicate, so a replicate never copies the samples; all ones is the plain set.
+Clipping (``clip_counts``) is the published evaluation's ``logw_quantile_filter``: drop the ceil(Q N) largest
+finite log-weights before SNIS. It biases the estimate (it trims the tail SNIS needs), so it is off unless asked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import math
 
 import numpy as np
 from scipy.special import logsumexp
@@ -20,6 +28,12 @@ __all__ = [
     "kish_ess",
     "resample",
     "estimate",
+    "n_clipped",
+    "clip_counts",
+    "counts_ess",
+    "counts_weights",
+    "percentile_interval",
+    "bootstrap_intervals",
 ]
 
 
@@ -142,3 +156,98 @@ def estimate(log_w, values) -> Estimate:
     mean = np.sum(wk * f, axis=0)
     var = np.sum(wk**2 * (f - mean) ** 2, axis=0)
     return Estimate(mean=mean, stderr=np.sqrt(var))
+
+
+def n_clipped(q: float | None, n: int) -> int:
+    """Number of log-weights the published filter drops from ``n`` samples: ceil(q n) (0 when ``q`` is None)."""
+    if q is None:
+        return 0
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"--clip-logw must be in [0, 1), got {q}")
+    return math.ceil(round(q * n, 9))  # round first: 0.002 * 5000 is 10.000000000000002 in floating point
+
+
+def clip_counts(log_w, counts, q: float | None) -> np.ndarray:
+    """Multiplicities [N] left after dropping the ceil(q M) largest finite log-weights, M = counts.sum().
+
+    ``counts`` [N] int >= 0 (a duplicated sample is dropped copy by copy; ties go to the lower index).
+    Non-finite log-weights are never dropped: they stay in the set with weight 0 and are counted as non-finite.
+    ``q`` None or 0: ``counts`` unchanged.
+    """
+    lw, bad = _log_weights(log_w)
+    c = np.asarray(counts, dtype=np.int64)
+    if c.shape != lw.shape or np.any(c < 0):
+        raise ValueError(f"counts must be {lw.size} non-negative integers, got shape {c.shape}")
+    k = n_clipped(q, int(c.sum()))
+    if k == 0:
+        return c.copy()
+    order = np.lexsort((np.arange(lw.size), -lw))  # largest first, finite before -inf (non-finite)
+    order = order[~bad[order]]
+    before = np.cumsum(c[order]) - c[order]
+    drop = np.clip(k - before, 0, c[order])
+    kept = c.copy()
+    kept[order] -= drop
+    return kept
+
+
+def counts_weights(log_w, counts) -> np.ndarray:
+    """Normalised SNIS weights [N] of a set holding sample i ``counts[i]`` times (w_i = c_i e^{log w_i} / sum).
+
+    ValueError when no sample with a finite log-weight is left.
+    """
+    lw, bad = _log_weights(log_w)
+    c = np.asarray(counts, dtype=np.float64)
+    live = (c > 0) & ~bad
+    if not live.any():
+        raise ValueError("no sample with a finite log-weight is left: nothing to weight")
+    a = np.where(live, lw + np.log(np.where(live, c, 1.0)), -np.inf)
+    return np.exp(a - logsumexp(a))
+
+
+def counts_ess(log_w, counts) -> float:
+    """Normalised Kish ESS of the multiset ``counts`` [N]: (sum c w)^2 / (sum c w^2) / sum c.
+
+    With all counts 1 this is :func:`kish_ess`; the denominator counts every copy, non-finite ones included.
+    """
+    lw, bad = _log_weights(log_w)
+    c = np.asarray(counts, dtype=np.float64)
+    live = (c > 0) & ~bad
+    if not live.any():
+        return 0.0
+    lc = np.log(c[live])
+    ess = np.exp(2.0 * logsumexp(lw[live] + lc) - logsumexp(2.0 * lw[live] + lc))
+    return float(ess / c.sum())
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the finite ``values`` [B] (None if fewer than 2 are finite)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return None
+    lo, hi = np.percentile(v, [50.0 * (1.0 - level), 50.0 * (1.0 + level)])
+    return float(lo), float(hi)
+
+
+def bootstrap_intervals(n: int, statistic: Callable[[np.ndarray, np.random.Generator], dict[str, float]],
+                        replicates: int, rng: np.random.Generator,
+                        level: float = 0.95) -> tuple[dict[str, tuple[float, float] | None], int]:
+    """Percentile-bootstrap intervals of every value ``statistic(counts [n], rng)`` returns.
+
+    Each replicate draws n of the n samples with replacement, as multiplicities ``counts``, and the statistic
+    repeats the whole estimate on them (e.g. clip, SNIS, resample, metrics, with ``rng`` for its own draws).
+    A replicate whose statistic raises ValueError (say, no finite weight left) is left out and counted.
+    Returns ``({name: (lo, hi) or None}, number of replicates left out)``.
+    """
+    values: dict[str, list[float]] = {}
+    failed = 0
+    for _ in range(replicates):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        try:
+            result = statistic(counts, rng)
+        except ValueError:
+            failed += 1
+            continue
+        for key, v in result.items():
+            values.setdefault(key, []).append(v)
+    return {key: percentile_interval(v, level) for key, v in values.items()}, failed

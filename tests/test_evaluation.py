@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import _table_lines_are_valid_markdown
 from tiny_fixtures import make_tiny_ckpt, make_tiny_dataset
 
 from rexmol.cli import main
@@ -61,7 +62,7 @@ def test_reference_samples_evaluate_to_zero_distance_and_mirrors_are_fixed(datas
     assert row["e_w2"] >= 0 and row["t_w2"] >= 0
     assert set(row["basins"]) == {"phi2/psi2"}
     pops = row["basins"]["phi2/psi2"]
-    assert pops["proposal"] == pops["md"]
+    assert {k: v["mean"] for k, v in pops["proposal"].items()} == {k: v["mean"] for k, v in pops["md"].items()}
     np.testing.assert_allclose(arrays["angles"], reference.angles, atol=1e-5)
 
 
@@ -98,20 +99,25 @@ def test_samples_of_another_system_or_topology_are_rejected(dataset, reference, 
 
 
 def test_report_files_are_written(dataset, reference, tmp_path):
-    from rexmol.evaluation import evaluate_run, write_report
+    from rexmol.evaluation import evaluate_floor, evaluate_run, write_report
     from rexmol.mddata import load_frames
     from rexmol.report import load_published
 
     frames = load_frames(dataset, "test").astype(np.float64)
     config, data = _records_from_frames(frames, reference.system)
     row, arrays = evaluate_run(config, data, reference)
-    text = write_report(tmp_path, [row], [arrays], reference, load_published())
-    assert "**published**" in text and "MD frames" in text
+    row, arrays = evaluate_run(config, data, reference, bootstrap=5)
+    floor = evaluate_floor(reference, "train", 9, bootstrap=5)
+    text = write_report(tmp_path, [row], [arrays], reference, load_published(), floor=floor)
+    assert "**published**" in text and "MD frames" in text and "| MD floor |" in text
+    assert "Warning: few samples" in text  # N = 9
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"report.json", "report.md", "energy.png", "log_weights.png", "roundtrip.png",
+    assert {"report.json", "report.md", "energy.png", "log_weights.png", "roundtrip.png", "cost.png",
             "ramachandran_phi2_psi2.png"} <= names
+    assert _table_lines_are_valid_markdown((tmp_path / "report.md").read_text()) == 1 + 1 + 6 + 3 + 3
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["runs"][0]["n"] == 9 and report["reference"]["n_frames"] == 9
+    assert report["floor"]["split"] == "train" and report["runs"][0]["few_samples"] is True
 
 
 def test_evaluate_ckpt_compares_solvers_from_the_same_draws(dataset, tmp_path, capsys):
@@ -119,14 +125,18 @@ def test_evaluate_ckpt_compares_solvers_from_the_same_draws(dataset, tmp_path, c
     out = tmp_path / "compare"
     argv = ["evaluate", "--ckpt", ckpt, "--solvers", "rex-euler,princeps-euler,euler", "--steps", "2", "--n", "3",
             "--batch-size", "3", "--trace-method", "vjp-loop", "--reference", str(dataset), "--out", str(out),
-            "--seed", "4"]
+            "--seed", "4", "--model-dtype", "float64"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    exact = ", log q: integrated exact trace"
-    assert f"| DiT | rex-euler (2 steps){exact} |" in text and f"| DiT | euler (2 steps){exact} |" in text
+    rest = "; float64 state, float64 network; log q: integrated exact trace"
+    lawson, in_t = "; data-kind Lawson, t in [0, 0.999]", "; in t, t in [0, 0.999]"
+    assert f"| DiT | rex-euler (2 steps){lawson}{rest} | unclipped SNIS |" in text
+    assert f"| DiT | euler (2 steps){in_t}{rest} | unclipped SNIS |" in text
     report = json.loads((out / "report" / "report.json").read_text())
-    assert [r["solver"] for r in report["runs"]] == [f"rex-euler (2 steps){exact}", f"princeps-euler (2 steps){exact}",
-                                                     f"euler (2 steps){exact}"]
+    assert [r["solver"] for r in report["runs"]] == [f"rex-euler (2 steps){lawson}{rest}",
+                                                     f"princeps-euler (2 steps){lawson}{rest}",
+                                                     f"euler (2 steps){in_t}{rest}"]
+    assert report["floor"]["n"] == 3 and report["runs"][0]["bootstrap"]["replicates"] == 100
     rex, princeps, euler = (np.load(out / name / "samples.npz") for name in ("rex-euler", "princeps-euler", "euler"))
     assert rex["roundtrip_x"].max() < 1e-8 < euler["roundtrip_x"].max()  # exact inverse vs truncation error
     # Lawson-Euler in data coordinates is velocity Euler on this path: equal samples iff the prior draws are equal
@@ -136,20 +146,22 @@ def test_evaluate_ckpt_compares_solvers_from_the_same_draws(dataset, tmp_path, c
 def test_solver_entries_set_steps_and_logq_per_row_from_the_same_draws(dataset, tmp_path, capsys):
     ckpt = make_tiny_ckpt(tmp_path / "tiny.pt")
     out = tmp_path / "entries"
-    argv = ["evaluate", "--ckpt", ckpt, "--solvers", "rex-euler@2:discrete,rex-euler@2,rex-euler@3:exact",
+    argv = ["evaluate", "--ckpt", ckpt, "--solvers", "rex-euler@2:discrete,rex-euler@2,rex-euler@3/varsigma:exact",
             "--steps", "5", "--n", "3", "--batch-size", "3", "--trace-method", "vjp-loop", "--no-roundtrip",
-            "--reference", str(dataset), "--out", str(out), "--seed", "4"]
+            "--model-dtype", "float64",
+            "--reference", str(dataset), "--out", str(out), "--seed", "4", "--bootstrap", "0", "--floor-split", "none"]
     assert main(argv) == 0
     report = json.loads((out / "report" / "report.json").read_text())
+    rest = "; data-kind Lawson, t in [0, 0.999]; float64 state, float64 network; log q: "
     assert [r["solver"] for r in report["runs"]] == [
-        "rex-euler (2 steps), log q: discrete-map exact", "rex-euler (2 steps), log q: integrated exact trace",
-        "rex-euler (3 steps), log q: integrated exact trace"]
+        f"rex-euler (2 steps){rest}discrete-map exact", f"rex-euler (2 steps){rest}integrated exact trace",
+        f"rex-euler (3 steps, grid varsigma){rest}integrated exact trace"]
     disc, integ = (np.load(out / name / "samples.npz") for name in ("rex-euler_2_discrete", "rex-euler_2"))
     np.testing.assert_array_equal(disc["x"], integ["x"])  # same draws, same grid: same samples, other log q
     assert not np.allclose(disc["log_q"], integ["log_q"], rtol=0, atol=1e-6)  # 2 Euler steps: they differ
-    for bad in ("rex-euler@:exact", "rex-euler:trace", "rex-euler@2@3"):
+    for bad in ("rex-euler@:exact", "rex-euler:trace", "rex-euler@2@3", "rex-euler@2/cubic"):
         assert main([*argv[:4], bad, *argv[5:]]) == 2
-        assert "SOLVER[@STEPS][:LOGQ]" in capsys.readouterr().err
+        assert "SOLVER[@STEPS][/GRID][:LOGQ]" in capsys.readouterr().err
     assert main([*argv[:4], "euler,euler", *argv[5:]]) == 2
     assert "repeats" in capsys.readouterr().err
 
@@ -164,3 +176,70 @@ def test_demo_runs_end_to_end_on_small_inputs(dataset, tmp_path, capsys):
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
     assert main(["demo", "--ckpt", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_reference_energies_are_computed_once_and_cached_by_content(tmp_path):
+    from rexmol.evaluation import reference_energies
+
+    system = load_system("ala3")
+    calls = []
+
+    def compute(frames, system):
+        calls.append(len(frames))
+        return frames[:, 0, 0].astype(np.float64) * 10
+
+    frames = np.random.default_rng(0).normal(size=(5, system.n_atoms, 3)).astype(np.float32)
+    first = reference_energies(tmp_path, frames, system, compute=compute)
+    second = reference_energies(tmp_path, frames, system, compute=compute)
+    assert calls == [5] and np.array_equal(first, second)  # the second call did not compute
+    assert len(list((tmp_path / "cache").glob("energy-*.npy"))) == 1
+    other = frames.copy()
+    other[0, 0, 0] += 1e-3
+    reference_energies(tmp_path, other, system, compute=compute)
+    assert calls == [5, 5]  # other frames, another key
+
+
+def test_floor_row_uses_frames_disjoint_from_the_reference(dataset, reference):
+    from rexmol.evaluation import evaluate_floor
+    from rexmol.mddata import load_frames
+
+    floor = evaluate_floor(reference, "train", 9, bootstrap=10)
+    train = load_frames(dataset, "train", max_frames=9)
+    test = {f.tobytes() for f in load_frames(dataset, "test")}
+    assert floor["n"] == 9 and floor["disjoint_from_reference"] and not any(f.tobytes() in test for f in train)
+    assert floor["ess"] == pytest.approx(1.0) and floor["e_w2_proposal"] > 0 and floor["ci95"]["e_w2"] is not None
+    with pytest.raises(ValueError, match="also reference frames"):
+        evaluate_floor(reference, "test", 9)
+
+
+def test_clipping_is_off_by_default_and_never_clips_nonfinite(dataset, reference):
+    from rexmol.evaluation import evaluate_run
+    from rexmol.mddata import load_frames
+
+    frames = load_frames(dataset, "test").astype(np.float64)
+    config, data = _records_from_frames(frames, reference.system)
+    data["log_w"][2] = np.inf  # non-finite: weight 0, counted, never "clipped"
+    row, arrays = evaluate_run(config, data, reference)
+    assert row["n_clipped"] == 0 and row["protocol"] == "unclipped SNIS" and not arrays["clipped"].any()
+    row, arrays = evaluate_run(config, data, reference, clip_logw=0.002)  # ceil(0.002 * 9) = 1
+    largest_finite = int(np.argmax(np.where(np.isfinite(data["log_w"]), data["log_w"], -np.inf)))
+    assert row["n_clipped"] == 1 and np.flatnonzero(arrays["clipped"]).tolist() == [largest_finite]
+    assert row["n_nonfinite"] == 1 and arrays["weights"][largest_finite] == 0 and arrays["weights"][2] == 0
+    assert row["protocol"] == "top 0.2 % of log w dropped (1 of 9)"
+
+
+def test_bootstrap_intervals_of_every_metric_and_basin(dataset, reference):
+    from rexmol.evaluation import evaluate_run
+    from rexmol.mddata import load_frames
+
+    config, data = _records_from_frames(load_frames(dataset, "test").astype(np.float64), reference.system)
+    row, _ = evaluate_run(config, data, reference, seed=3, bootstrap=20)
+    for key in ("ess", "e_w2", "t_w2", "e_w2_proposal", "t_w2_proposal"):
+        lo, hi = row["ci95"][key]
+        assert lo <= hi
+    assert row["ci95"]["e_w2_proposal"][1] > 0  # resampled frames are no longer the reference itself
+    pop = row["basins"]["phi2/psi2"]["reweighted"]["beta"]
+    assert pop["ci95"][0] <= pop["ci95"][1]
+    again, _ = evaluate_run(config, data, reference, seed=3, bootstrap=20)
+    assert again["ci95"] == row["ci95"]  # seeded
+    assert row["n_distinct_resampled"] >= 1 and row["bootstrap"]["replicates"] == 20

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from rexmol.weights import estimate, kish_ess, normalized_weights, resample, snis
+from rexmol.weights import (bootstrap_intervals, clip_counts, counts_ess, counts_weights, estimate, kish_ess,
+                            n_clipped, normalized_weights, percentile_interval, resample, snis)
 
 
 def test_equal_weights_have_ess_one_at_any_offset():
@@ -114,3 +115,60 @@ def test_snis_with_mismatched_gaussian_matches_closed_form_ess_and_error_bar_cov
         hits += abs(float(est.mean) - mu) < 1.96 * float(est.stderr)
     assert np.mean(ess) == pytest.approx(1 / m2, rel=0.02)
     assert 0.90 <= hits / reps <= 0.99
+
+
+@pytest.mark.parametrize("n", [24, 500, 1000, 4999, 5000, 10_001])
+def test_clip_drops_exactly_ceil_q_n_of_the_largest_finite_log_weights(n):
+    rng = np.random.default_rng(n)
+    lw = rng.normal(size=n)
+    kept = clip_counts(lw, np.ones(n, dtype=np.int64), 0.002)
+    k = -(-2 * n // 1000)  # ceil(0.002 n) in integer arithmetic
+    assert n_clipped(0.002, n) == k and int((kept == 0).sum()) == k
+    assert lw[kept == 0].min() > lw[kept == 1].max()  # the largest ones went
+    np.testing.assert_array_equal(clip_counts(lw, np.ones(n, dtype=np.int64), None), 1)  # off: nothing dropped
+    assert n_clipped(None, n) == 0
+
+
+def test_clip_never_drops_nonfinite_log_weights_and_drops_duplicates_copy_by_copy():
+    lw = np.array([np.inf, 5.0, np.nan, 4.0, 1.0, -np.inf, 0.0, 2.0, 3.0, 0.5])
+    kept = clip_counts(lw, np.ones(10, dtype=np.int64), 0.2)  # ceil(0.2 * 10) = 2: the finite 5.0 and 4.0
+    np.testing.assert_array_equal(kept, [1, 0, 1, 0, 1, 1, 1, 1, 1, 1])
+    kept = clip_counts(lw, np.array([0, 3, 0, 1, 1, 0, 1, 1, 2, 1]), 0.2)  # 10 copies: 2 of the three 5.0s
+    np.testing.assert_array_equal(kept, [0, 1, 0, 1, 1, 0, 1, 1, 2, 1])
+    with pytest.raises(ValueError, match="clip-logw"):
+        n_clipped(1.0, 10)
+
+
+def test_count_weights_and_ess_equal_those_of_the_expanded_sample():
+    rng = np.random.default_rng(3)
+    lw = np.append(rng.normal(0, 2, 49), np.nan)
+    counts = rng.integers(0, 4, 50)
+    expanded = np.repeat(lw, counts)
+    assert counts_ess(lw, counts) == pytest.approx(kish_ess(expanded), rel=1e-12)
+    assert counts_ess(lw, np.ones(50)) == pytest.approx(kish_ess(lw), rel=1e-12)
+    w = counts_weights(lw, counts)
+    np.testing.assert_allclose(np.repeat(w / np.maximum(counts, 1), counts), normalized_weights(expanded), rtol=1e-12)
+
+
+def test_bootstrap_intervals_cover_closed_form_snis_mean_and_ess_at_about_95_percent():
+    """Proposal N(0, 1.3^2), target N(0.3, 1): SNIS mean -> 0.3, ESS -> 1 / E_q[(p/q)^2] (closed form)."""
+    mu, sp, sq = 0.3, 1.0, 1.3
+    v = 1 / (2 / sp**2 - 1 / sq**2)
+    ess_true = 1 / (sq / sp**2 * math.sqrt(v) * math.exp(mu**2 * (2 * v / sp**4 - 1 / sp**2)))
+    rng = np.random.default_rng(7)
+    reps, hits_mean, hits_ess = 150, 0, 0
+    for _ in range(reps):
+        x = sq * rng.standard_normal(300)
+        lw = norm.logpdf(x, mu, sp) - norm.logpdf(x, 0, sq)
+        ci, failed = bootstrap_intervals(
+            x.size, lambda c, r: {"mean": float(counts_weights(lw, c) @ x), "ess": counts_ess(lw, c)}, 150, rng)
+        assert failed == 0
+        hits_mean += ci["mean"][0] <= mu <= ci["mean"][1]
+        hits_ess += ci["ess"][0] <= ess_true <= ci["ess"][1]
+    assert 0.87 <= hits_mean / reps <= 0.99 and 0.87 <= hits_ess / reps <= 0.99
+
+
+def test_percentile_interval_needs_two_finite_values():
+    assert percentile_interval([1.0, np.nan]) is None
+    lo, hi = percentile_interval(np.arange(1001.0))
+    assert lo == pytest.approx(25.0) and hi == pytest.approx(975.0)

@@ -6,7 +6,8 @@ Defaults are sized for <= 15 minutes on 2 CPU cores (measured time in the README
 rtol = atol = 1e-3, data-kind Lawson coordinates on [0, 0.999] (the paper's Rex), a float64 state around a
 float32 network (data-kind round trips near t = 1 need the float64 state; the network only has to be
 deterministic), exact trace, round-trip certificates. ``--full`` runs the published protocol instead (10^4
-samples per solver, rtol = atol = 1e-4, plus the torchdiffeq baseline), the one command for a GPU or a long run.
+samples per solver, rtol = atol = 1e-4, plus the torchdiffeq baseline, 10 bootstrap replicates instead of 100),
+the one command for a GPU or a long run.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from pathlib import Path
 from rexmol.commands import evaluate
 from rexmol.commands.sample import add_solver_options
 
-REPO = Path(__file__).resolve().parents[2]
 COMMON = {"rtol": 1e-3, "dtype": "float64", "model_dtype": "float32", "lawson": "data", "t1": 0.999}
-DEMO = {**COMMON, "n": 24, "solvers": "rex-dopri5,dopri5,rex-rk4@8:discrete", "batch_size": 12, "processes": 2}
+DEMO = {**COMMON, "n": 24, "solvers": "rex-dopri5,dopri5,rex-rk4@8:discrete", "batch_size": 12, "processes": 2,
+        "bootstrap": 100}
+# 10 bootstrap replicates at N = 10^4: each exact T-W2 of the proposal (10^4 x 10^4 transport) takes about a CPU
+# minute, so 100 replicates would add hours per solver.
 FULL = {**COMMON, "n": 10_000, "solvers": "torchdiffeq-dopri5,dopri5,rex-dopri5,rex-rk4@16:discrete", "rtol": 1e-4,
-        "batch_size": 256, "processes": 1}
+        "batch_size": 256, "processes": 1, "bootstrap": 10}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +34,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="sample folders + report (resumable)")
     parser.add_argument("--full", action="store_true",
                         help=f"the published protocol: {FULL['n']} samples per solver ({FULL['solvers']}), "
-                             f"rtol = atol = {FULL['rtol']:g} (hours on CPU)")
+                             f"rtol = atol = {FULL['rtol']:g}, {FULL['bootstrap']} bootstrap replicates "
+                             "(hours on CPU)")
     parser.add_argument("--n", type=int, default=None, help=f"samples per solver (demo: {DEMO['n']})")
     parser.add_argument("--solvers", default=None, help=f"comma-separated solvers (demo: {DEMO['solvers']})")
-    parser.add_argument("--max-reference", type=int, default=10_000, help="MD test frames compared against")
+    evaluate.add_evaluation_options(parser)
     add_solver_options(parser)
     parser.set_defaults(**{key: None for key in DEMO})  # unset options take the preset (demo or --full)
-
-
-def _shipped(path: Path) -> Path:
-    """``path`` as given if it exists, else relative to the repository (running from another directory)."""
-    return path if path.exists() or path.is_absolute() else REPO / path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.ckpt, args.reference = _shipped(args.ckpt), _shipped(args.reference)
+    args.ckpt, args.reference = evaluate.shipped(args.ckpt), evaluate.shipped(args.reference)
     if not args.ckpt.is_file():
         raise FileNotFoundError(f"shipped checkpoint {args.ckpt} is missing (train one with `rexmol train`)")
     args.dir, args.against, args.split, args.published = None, [], "test", None

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from rexmol.commands.sample import add_solver_options, proposal_spec
+from rexmol.solvers.grids import GRID_KINDS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,34 +25,53 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", type=Path, nargs="+", default=[], metavar="DIR",
                         help="further sample folders in the same table")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="reference split")
-    parser.add_argument("--max-reference", type=int, default=10_000,
-                        help="at most this many reference frames, evenly spaced (published protocol: 10^4)")
     parser.add_argument("--published", type=Path, default=None,
-                        help="published results table (TOML/JSON); default evaluation/published_ala3.toml "
-                             "for ala3, none otherwise")
+                        help="published results table (TOML/JSON); default for ala3: the shipped Table 6 of "
+                             "the Rex paper (Blasingame and Liu, ICML 2026), none otherwise")
     parser.add_argument("--out", type=Path, default=None,
                         help="report folder (DIR/report), or the root of the sample folders with --ckpt")
     parser.add_argument("--ckpt", type=Path, default=None, help="sample this checkpoint with every --solvers entry")
     parser.add_argument("--solvers", default="dopri5,rex-dopri5",
-                        help="comma-separated entries SOLVER[@STEPS][:LOGQ] for --ckpt, e.g. "
-                             "torchdiffeq-dopri5,dopri5,rex-dopri5 or rex-rk4@8:discrete,rex-rk4@8:exact "
-                             "(@STEPS overrides --steps, :LOGQ overrides --trace for that entry)")
+                        help="comma-separated entries SOLVER[@STEPS][/GRID][:LOGQ] for --ckpt, e.g. "
+                             "torchdiffeq-dopri5,dopri5,rex-dopri5 or rex-rk4@8:discrete,rex-rk4@8/log-varsigma "
+                             "(@STEPS overrides --steps, /GRID --grid, :LOGQ --trace for that entry)")
     parser.add_argument("--n", type=int, default=256, help="samples per solver with --ckpt")
+    add_evaluation_options(parser)
     add_solver_options(parser)
 
 
-_ENTRY = re.compile(r"^(?P<solver>[A-Za-z0-9_.-]+)(?:@(?P<steps>[0-9]+))?(?::(?P<logq>exact|hutchinson|discrete))?$")
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the evaluation protocol, shared by ``rexmol evaluate`` and ``rexmol demo``."""
+    parser.add_argument("--max-reference", type=int, default=10_000,
+                        help="at most this many reference frames, evenly spaced (published protocol: 10^4)")
+    parser.add_argument("--bootstrap", type=int, default=100, metavar="B",
+                        help="bootstrap replicates for the 95%% intervals (seeded by --seed; 0: none); each "
+                             "repeats clip, SNIS, resampling and metrics (default: 100)")
+    parser.add_argument("--clip-logw", type=float, default=None, metavar="Q",
+                        help="drop the ceil(Q N) largest finite log-weights before SNIS, as the published "
+                             "evaluation does (Q = 0.002); default: off (unclipped SNIS, unbiased)")
+    parser.add_argument("--floor-split", default="train", choices=["train", "val", "test", "none"],
+                        help="MD floor row: N evenly spaced frames of this split against the reference "
+                             "(default: train; none: no floor row)")
+
+
+_ENTRY = re.compile(r"^(?P<solver>[A-Za-z0-9_.-]+)(?:@(?P<steps>[0-9]+))?(?:/(?P<grid>[a-z0-9-]+))?"
+                    r"(?::(?P<logq>exact|hutchinson|discrete))?$")
 
 
 def parse_solver_entry(entry: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace]:
-    """``SOLVER[@STEPS][:LOGQ]`` -> (solver name, options with ``steps``/``trace`` overridden for this entry)."""
+    """``SOLVER[@STEPS][/GRID][:LOGQ]`` -> (solver name, options with ``steps``/``grid``/``trace`` overridden for
+    this entry)."""
     m = _ENTRY.match(entry)
-    if m is None:
-        raise ValueError(f"--solvers entry {entry!r} is not SOLVER[@STEPS][:LOGQ] "
-                         "(LOGQ: exact, hutchinson or discrete), e.g. rex-rk4@8:discrete")
+    if m is None or (m["grid"] is not None and m["grid"] not in GRID_KINDS):
+        raise ValueError(f"--solvers entry {entry!r} is not SOLVER[@STEPS][/GRID][:LOGQ] "
+                         f"(GRID: {', '.join(GRID_KINDS)}; LOGQ: exact, hutchinson or discrete), "
+                         "e.g. rex-rk4@8/log-varsigma:discrete")
     opts = argparse.Namespace(**vars(args))
     if m["steps"] is not None:
         opts.steps = int(m["steps"])
+    if m["grid"] is not None:
+        opts.grid = m["grid"]
     if m["logq"] is not None:
         opts.trace = m["logq"]
     return m["solver"], opts
@@ -86,17 +106,33 @@ def sample_solvers(args: argparse.Namespace) -> list[Path]:
     return dirs
 
 
+def check_evaluation_options(args: argparse.Namespace) -> None:
+    """ValueError naming the option for bad evaluation options (before anything is sampled or written)."""
+    if args.max_reference is not None and args.max_reference < 1:
+        raise ValueError("--max-reference must be >= 1")
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0 replicates, got {args.bootstrap}")
+    if args.clip_logw is not None:
+        if not 0.0 < args.clip_logw < 1.0:
+            raise ValueError(f"--clip-logw must be in (0, 1) (e.g. 0.002, the published filter), got {args.clip_logw}")
+    if args.floor_split != "none" and args.floor_split == args.split:
+        raise ValueError(f"--floor-split {args.floor_split} is the reference split itself; choose another split "
+                         "or --floor-split none")
+
+
 def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split: str = "test",
                      max_reference: int | None = 10_000, published: Path | None = None, seed: int = 0,
-                     extra: dict | None = None) -> str:
-    """Evaluate sample folders against one reference and write the report into ``out``; returns the Markdown."""
-    from rexmol.evaluation import check_system_match, evaluate_run, load_reference, write_report
-    from rexmol.report import DEFAULT_PUBLISHED, load_published
+                     extra: dict | None = None, bootstrap: int = 0, clip_logw: float | None = None,
+                     floor_split: str | None = None) -> str:
+    """Evaluate sample folders against one reference and write the report into ``out``; returns the Markdown.
+
+    ``floor_split``: also the MD floor row from that split at the largest run's N (None: no floor row).
+    """
+    from rexmol.evaluation import check_system_match, evaluate_floor, evaluate_run, load_reference, write_report
+    from rexmol.report import load_published, published_table
     from rexmol.sampling import load_samples
     from rexmol.systems import load_system
 
-    if max_reference is not None and max_reference < 1:
-        raise ValueError("--max-reference must be >= 1")
     runs = [(d, *load_samples(d)) for d in dirs]
     system = load_system(runs[0][1]["system"])
     for d, config, _ in runs:
@@ -104,17 +140,32 @@ def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split:
     reference = load_reference(reference_dir, system, split=split, max_frames=max_reference)
     rows, arrays = [], []
     for d, config, data in runs:
-        row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d))
+        row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d), clip_logw=clip_logw,
+                                bootstrap=bootstrap)
         rows.append({**row, "folder": str(d)})
         arrays.append(arr)
-    if published is None and system.name == "ala3" and DEFAULT_PUBLISHED.is_file():  # absent from a bare wheel
-        published = DEFAULT_PUBLISHED
+    floor = None
+    if floor_split is not None:
+        floor = evaluate_floor(reference, floor_split, max(r["n"] for r in rows), seed=seed, clip_logw=clip_logw,
+                               bootstrap=bootstrap)
+    if published is None:
+        published = published_table(system.name)
     table = load_published(published) if published is not None else None
-    return write_report(out, rows, arrays, reference, table, extra)
+    return write_report(out, rows, arrays, reference, table, extra, floor=floor)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shipped(path: Path) -> Path:
+    """``path`` as given if it exists, else relative to the repository (running from another directory)."""
+    return path if path.exists() or path.is_absolute() else REPO / path
 
 
 def run(args: argparse.Namespace) -> int:
+    args.reference = shipped(args.reference)
     start = time.perf_counter()
+    check_evaluation_options(args)
     if args.ckpt is not None:
         if args.dir is not None:
             raise ValueError("give either a sample folder DIR or --ckpt (which samples into --out), not both")
@@ -126,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
         dirs = [args.dir, *args.against]
         out = args.out if args.out is not None else args.dir / "report"
     text = evaluate_folders(dirs, args.reference, out, split=args.split, max_reference=args.max_reference,
-                            published=args.published, seed=args.seed,
+                            published=args.published, seed=args.seed, bootstrap=args.bootstrap,
+                            clip_logw=args.clip_logw,
+                            floor_split=None if args.floor_split == "none" else args.floor_split,
                             extra={"evaluate_wall_seconds": time.perf_counter() - start})
     if not args.quiet:
         print(text)

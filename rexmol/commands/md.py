@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("system", help="system name (e.g. ala3) or a system folder")
     parser.add_argument("--ns", type=float, required=True, help="production length per replica (ns)")
     parser.add_argument("--replicas", type=int, default=2, help="independent trajectories")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: cores)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (None: one per core)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (rerun to resume)")
     parser.add_argument("--chunk-ps", type=float, default=100.0, help="frames committed per chunk (ps)")
     parser.add_argument("--platform", default=None,
@@ -22,8 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rexmol.md import MDConfig, run_md
 
-    if args.ns <= 0 or args.replicas < 1:
-        raise ValueError("--ns must be > 0 and --replicas >= 1")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     config = MDConfig(system=args.system, ns=args.ns, replicas=args.replicas, seed=args.seed,
                       chunk_ps=args.chunk_ps, platform=args.platform)
     command = "rexmol " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -12,7 +12,7 @@ from torch import Tensor
 from rexmol.likelihood.divergence import ExactTrace, Hutchinson, Model
 from rexmol.solvers.dynamics import time_vector
 from rexmol.solvers.lawson import LawsonCoordinates
-from rexmol.solvers.state import State
+from rexmol.solvers.state import State, is_const, per_sample
 
 
 def support_dim(x: Tensor, basis: Tensor | None) -> int:
@@ -49,6 +49,6 @@ class DivergenceDynamics:
         x, _ = state
         f, tr = self.divergence(self.model, x, time_vector(t, x), self.basis)
         check_output(f, x, t)
-        c, e = self.coords.lawson_coeffs(t)
-        dx = f * e if c == 0.0 else x * c + f * e
+        c, e = (per_sample(v, x) for v in self.coords.lawson_coeffs(t))
+        dx = f * e if is_const(c, 0.0) else x * c + f * e
         return dx, log_density_rate(self.coords, t, support_dim(x, self.basis), tr)

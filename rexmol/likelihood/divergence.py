@@ -17,7 +17,17 @@ Exact implementations (``ExactTrace.METHODS``):
 - ``vjp-batch``: the directions become extra batch entries (x repeated c times, one forward and one backward per
   chunk): more arithmetic, far fewer dispatches — the fastest for small models such as closed-form fields.
 
-All call an ``nn.Module`` through ``torch.func.functional_call`` with *detached* parameters under ``no_grad``, so
+- ``structured``: the model's own ``velocity_and_divergence(x, t) -> (f, div)`` (a hollow network,
+  :mod:`rexmol.models.hollow`, also through :class:`rexmol.models.precision.CastModel`): exact, about one
+  forward. Valid only when the basis spans exactly the model's valid space (identity columns of its ``mask``, or
+  the centred subspace for a ``mean_free`` model), which is checked on every call (U U^T R = R for a fixed
+  pseudo-random R in that space, and k = its dimension; O(d k), negligible). ``auto`` picks it whenever it
+  applies, without probing. Only the trace has this shortcut: :meth:`ExactTrace.jacobian` (the discrete-map
+  density needs full Jacobian rows) and :meth:`ExactTrace.products` (Hutchinson) always use the reverse/forward
+  methods above (probed as for ``auto``), so the discrete mode costs on a hollow model what it costs on any
+  network of the same forward cost.
+
+All other methods call an ``nn.Module`` through ``torch.func.functional_call`` with *detached* parameters under ``no_grad``, so
 no graph towards the weights is built (issue 5 reports vmap(jacrev) over a module whose parameters require grad
 at 100 s and 22 GB per 256 samples, against 12 s for a vjp loop). ``method="auto"`` times each on the actual
 input with a short probe and caches the winner per (model, shape, dtype, device, k, quantity). Chunks of
@@ -36,6 +46,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
+
+from rexmol.models.precision import CastModel
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -140,11 +152,13 @@ class ExactTrace:
     """
 
     METHODS = ("vjp-loop", "vjp-vmap", "jvp-vmap", "vjp-batch")
+    STRUCTURED = "structured"
     exact = True
 
     def __init__(self, method: str = "auto", memory_budget: int = 2 << 30, chunk: int | None = None):
-        if method != "auto" and method not in self.METHODS:
-            raise ValueError(f"unknown exact-trace method {method!r}; choose 'auto' or one of {self.METHODS}")
+        if method not in ("auto", self.STRUCTURED, *self.METHODS):
+            raise ValueError(f"unknown exact-trace method {method!r}; choose 'auto', {self.STRUCTURED!r} or one of "
+                             f"{self.METHODS}")
         if memory_budget <= 0:
             raise ValueError(f"memory_budget must be positive bytes, got {memory_budget}")
         if chunk is not None and chunk < 1:
@@ -157,7 +171,16 @@ class ExactTrace:
     # ---- public -------------------------------------------------------------------------------------------
     def __call__(self, model: Model, x: Tensor, t: Tensor, basis: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(f(x, t) [B, *shape], tr(U^T J U) [B]) — output and exact divergence, both without graph."""
-        f, k = detached(model), self._k(x, basis)
+        k = self._k(x, basis)
+        if self.method in ("auto", self.STRUCTURED):
+            reason = structured_incompatibility(model, x, basis)
+            if reason is None:
+                self.choices[self._key(model, x, k, "trace")] = self.STRUCTURED
+                with torch.no_grad():
+                    return model.velocity_and_divergence(x, t)
+            if self.method == self.STRUCTURED:
+                raise ValueError(f"exact-trace method 'structured' does not apply: {reason}; use 'auto'")
+        f = detached(model)
         method = self._method(model, f, x, t, basis, "trace")
         lin = _Linearised(method, f, x, t)
         tr = x.new_zeros(x.shape[0])
@@ -225,7 +248,7 @@ class ExactTrace:
         return [(i, min(i + c, k)) for i in range(0, k, c)]
 
     def _method(self, model: Model, f: Model, x: Tensor, t: Tensor, basis: Tensor | None, what: str) -> str:
-        if self.method != "auto":
+        if self.method not in ("auto", self.STRUCTURED):  # structured: only the trace; otherwise probe
             return self.method
         key = self._key(model, x, self._k(x, basis), what)
         if key not in self.choices:
@@ -257,6 +280,35 @@ class ExactTrace:
         if not seconds:
             raise RuntimeError(f"no exact-trace method works for this model: {errors}")
         return min(seconds, key=seconds.get), seconds
+
+
+def structured_incompatibility(model: Model, x: Tensor, basis: Tensor | None) -> str | None:
+    """Why ``model.velocity_and_divergence`` cannot give tr(U^T J U) for this ``basis`` (None: it can).
+
+    It can when the model (or the model a :class:`CastModel` wraps) has it and U spans exactly the model's valid
+    space: the slots of its ``mask`` [N, 3], centred over atoms when ``mean_free``.
+    """
+    inner = model.model if isinstance(model, CastModel) else model
+    if not callable(getattr(model, "velocity_and_divergence", None)) or not getattr(inner, "has_divergence", True):
+        return "the model has no velocity_and_divergence"
+    mask = getattr(inner, "mask", None)
+    if mask is None or tuple(x.shape[1:]) != tuple(mask.shape):
+        return f"the model's mask does not match inputs of shape {list(x.shape[1:])}"
+    mean_free = bool(getattr(inner, "mean_free", False))
+    dim = int(mask.sum()) - (3 if mean_free else 0)
+    if basis is None:
+        return None if (bool(mask.all()) and not mean_free) else "the identity basis is not the model's valid space"
+    if basis.shape[1] != dim:
+        return f"the basis has {basis.shape[1]} columns but the model's valid space has dimension {dim}"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = torch.randn(tuple(mask.shape), generator=g, dtype=torch.float64).to(basis) * mask.to(basis)
+    if mean_free:
+        r = r - r.mean(dim=0, keepdim=True)
+    r = r.reshape(-1)
+    off = (basis @ (basis.T @ r) - r).abs().max()
+    if off > 1e3 * torch.finfo(basis.dtype).eps * r.abs().max():
+        return f"the basis does not span the model's valid space (|U U^T R - R| = {off.item():.2e})"
+    return None
 
 
 def _clock() -> float:

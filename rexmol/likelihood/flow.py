@@ -13,6 +13,7 @@ names integrate in t (velocity coordinates of the same schedule and model output
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +21,16 @@ import torch
 from torch import Tensor
 
 from rexmol.likelihood.cnf import DivergenceDynamics
-from rexmol.likelihood.discrete import TangentDynamics, column_chunk, identity_columns, logdet_diagnostics
+from rexmol.likelihood.discrete import (TangentDynamics, column_chunk, identity_columns, inverse_logdet,
+                                        logdet_diagnostics)
 from rexmol.likelihood.divergence import ExactTrace, Hutchinson, Model
 from rexmol.solvers import (AdaptiveSteps, FixedGrid, LawsonCoordinates, ModelDynamics, Solution, invert, make_solver,
                             solve)
+from rexmol.solvers.dynamics import time_vector
 from rexmol.solvers.solve import Solver
 
 LOGQ_MODES = ("exact", "hutchinson", "discrete")
+ERROR_NORMS = ("x+logq", "x")
 HUTCHINSON_WARNING = ("log q from a Hutchinson trace is a noisy estimate; exp(-integral) of it is a biased density "
                       "ratio, so importance weights built on it are biased: use mode 'exact' or 'discrete' for weights")
 Steps = FixedGrid | AdaptiveSteps
@@ -36,7 +40,9 @@ Steps = FixedGrid | AdaptiveSteps
 class LogQOptions:
     """How log q is computed. ``method``: exact-trace implementation ("auto" probes; see ExactTrace.METHODS);
     ``n_probes``/``noise``/``seed``: Hutchinson; ``memory_budget``: bytes for directions / tangent columns;
-    ``cond_limit``: condition number above which a discrete-mode sample is flagged (default 0.01/eps)."""
+    ``cond_limit``: condition number above which a discrete-mode sample is flagged (default 0.01/eps);
+    ``error_norm``: what adaptive step control controls where log q is integrated: "x+logq" (default; each its own
+    tolerance, see :class:`rexmol.solvers.AdaptiveSteps`) or "x" (log q rides along uncontrolled)."""
 
     mode: str = "exact"
     method: str = "auto"
@@ -45,10 +51,13 @@ class LogQOptions:
     seed: int = 0
     memory_budget: int = 2 << 30
     cond_limit: float | None = None
+    error_norm: str = "x+logq"
 
     def __post_init__(self) -> None:
         if self.mode not in LOGQ_MODES:
             raise ValueError(f"unknown log-density mode {self.mode!r}; choose from {LOGQ_MODES}")
+        if self.error_norm not in ERROR_NORMS:
+            raise ValueError(f"unknown error norm {self.error_norm!r}; choose from {ERROR_NORMS}")
 
     def divergence(self) -> ExactTrace | Hutchinson:
         """A fresh estimator (Hutchinson: noise drawn from ``seed``, so a second one reproduces it)."""
@@ -62,8 +71,10 @@ class FlowSamples:
     """Result of :func:`sample_with_logq`, per sample [B] unless noted.
 
     ``logq``: the log-density of the chosen mode; ``logq_integrated``: integrated-trace log q (None in discrete mode
-    when tangent columns were chunked); ``logdet``/``sign``/``cond``/``folded``: discrete mode only.
-    ``info``: JSON-able description (mode, solver, trace method, grid provenance, warnings).
+    when tangent columns were chunked); ``logdet``/``sign``/``cond``/``folded``: discrete mode only, as is
+    ``tangent_solver`` (the (x, M) tangent solver the certificate runs backward).
+    ``info``: JSON-able description (mode, solver, trace method, grid provenance incl. error norm and step
+    control, warnings). ``nfe``: the largest per-sample NFE; ``sample_nfe``: each sample's own [B].
     """
 
     x: Tensor
@@ -80,6 +91,8 @@ class FlowSamples:
     sign: Tensor | None = None
     cond: Tensor | None = None
     folded: Tensor | None = None
+    sample_nfe: list[int] = field(default_factory=list)
+    tangent_solver: Solver | None = None
 
 
 @dataclass
@@ -124,7 +137,7 @@ def freeze_grid(model: Model, prior, solver: str, steps: AdaptiveSteps, *, coord
     co = solver_coords(solver, coords)
     g = torch.Generator(device="cpu").manual_seed(seed)
     x0 = prior.sample(n_pilot, generator=g, dtype=dtype).to(device)
-    pilot = solve(_build(solver, ModelDynamics(model, co), zeta), x0, steps)
+    pilot = solve(_build(solver, ModelDynamics(model, co), zeta), x0, dataclasses.replace(steps, control="shared"))
     info = {"grid": "frozen from an adaptive pilot solve", "pilot_n": n_pilot, "pilot_seed": seed,
             "pilot_rtol": steps.rtol, "pilot_atol": steps.atol, "pilot_nfe": pilot.nfe,
             "steps": pilot.record.accepted, "times": list(pilot.record.times)}
@@ -150,14 +163,40 @@ def sample_with_logq(model: Model, prior, x0: Tensor, solver: str, steps: Steps,
         return _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, logp0, info,
                                 pilot_n, pilot_seed)
     divergence = options.divergence()
+    if isinstance(steps, AdaptiveSteps):
+        steps = _with_norm(steps, options.error_norm)
+        if steps.control == "per-sample":
+            divergence = _fixed_method(divergence, model, x0, steps.t0, basis)
     run = _build(solver, DivergenceDynamics(model, co, divergence, basis), zeta)
     sol = solve(run, (x0, x0.new_zeros(x0.shape[0])), steps)
     logq = logp0 + sol.state[1]
-    info.update(_trace_info(divergence), grid=_grid_info(sol, steps))
+    info.update(_trace_info(divergence), grid=_grid_info(sol, steps, options.error_norm))
     if options.mode == "hutchinson":
         info["warning"] = HUTCHINSON_WARNING
     return FlowSamples(x=sol.x, x0=x0, logq=logq, logp0=logp0, logq_integrated=logq, nfe=sol.nfe, solution=sol,
-                       solver=run, prior=prior, info=info)
+                       solver=run, prior=prior, info=info, sample_nfe=sol.sample_nfe)
+
+
+def _with_norm(steps: AdaptiveSteps, error_norm: str) -> AdaptiveSteps:
+    """Step control over (x, ell) with ell in absolute terms ("x+logq"), or over x alone ("x")."""
+    if error_norm == "x":
+        return dataclasses.replace(steps, error_components=(0,), absolute_components=())
+    return dataclasses.replace(steps, error_components=(0, 1), absolute_components=(1,))
+
+
+def _fixed_method(divergence: ExactTrace | Hutchinson, model: Model, x0: Tensor, t0: float,
+                  basis: Tensor | None) -> ExactTrace:
+    """The trace estimator for per-sample control, whose active batch shrinks: Hutchinson is refused (its noise is
+    drawn per batch, so it would change as samples finish), and "auto" is resolved once on the full batch, so that
+    every batch size uses the same implementation."""
+    if isinstance(divergence, Hutchinson):
+        raise ValueError("the Hutchinson trace needs shared step control (--step-control shared): per-sample "
+                         "control shrinks the batch, which would redraw the probe noise")
+    if divergence.method != "auto":
+        return divergence
+    divergence(model, x0, time_vector(float(t0), x0), basis)
+    chosen = sorted(set(divergence.choices.values()))
+    return ExactTrace(chosen[0], memory_budget=divergence.memory_budget) if len(chosen) == 1 else divergence
 
 
 def _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, logp0, info, pilot_n, pilot_seed):
@@ -193,7 +232,9 @@ def _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, 
     x_only = _build(solver, ModelDynamics(model, co), zeta)
     return FlowSamples(x=sol.x, x0=x0, logq=logq, logp0=logp0, logq_integrated=logq_int, nfe=nfe,
                        solution=Solution(sol.state[:1], None if sol.aux is None else sol.aux[:1], sol.record),
-                       solver=x_only, prior=prior, info=info, **diag)
+                       solver=x_only, prior=prior, info=info, sample_nfe=[nfe] * B,
+                       tangent_solver=_build(solver, TangentDynamics(model, co, jac, basis, with_trace=False), zeta),
+                       **diag)
 
 
 def _trace_info(div: ExactTrace | Hutchinson) -> dict[str, Any]:
@@ -203,30 +244,37 @@ def _trace_info(div: ExactTrace | Hutchinson) -> dict[str, Any]:
     return {"trace": "exact", "trace_method": chosen[0] if len(chosen) == 1 else chosen}
 
 
-def _grid_info(sol: Solution, steps: Steps) -> dict[str, Any]:
-    kind = "fixed" if isinstance(steps, FixedGrid) else "adaptive"
-    return {"kind": kind, "steps": sol.accepted, "rejected": sol.rejected}
+def _grid_info(sol: Solution, steps: Steps, error_norm: str) -> dict[str, Any]:
+    if not isinstance(steps, AdaptiveSteps):
+        return {"kind": "fixed", "steps": sol.accepted}
+    return {"kind": "adaptive", "steps": sol.accepted, "rejected": sol.rejected, "error_norm": error_norm,
+            "step_control": steps.control}
 
 
 def roundtrip_certificate(samples: FlowSamples) -> Certificate:
     """Run ``samples`` back to t_0 with the same solver (Rex: closed-form inverse over the recorded grid;
     non-reversible: backward integration over the reversed grid) and measure how well x_0 and log q return.
 
-    log q' = log p_0(x_0') + ell_N - ell_0' (integrated modes; ell_0' should be 0) and log p_0(x_0') - log|det| in
-    discrete mode; errors are per sample. Rex gives round-off; a non-reversible solver its truncation error.
+    log q' = log p_0(x_0') + ell_N - ell_0' (integrated modes; ell_0' should be 0). In discrete mode the backward
+    pass carries tangents and re-derives the log-determinant of the inverse map (:func:`inverse_logdet`), so
+    log q' = log p_0(x_0') + log|det d x_0'/d x_N| certifies the forward log|det| too. Errors are per sample; Rex
+    gives round-off, a non-reversible solver its truncation error.
     """
-    back = invert(samples.solver, samples.solution)
-    x0b = back.state[0]
-    err = (x0b - samples.x0).reshape(x0b.shape[0], -1).abs().amax(-1)
-    if back.aux is not None:
-        err = torch.maximum(err, (back.aux[0] - samples.x0).reshape(x0b.shape[0], -1).abs().amax(-1))
     prior = samples.prior
-    logp0b = prior.log_prob(prior.project(x0b))
-    if len(back.state) > 1:
-        logq_back = logp0b + (samples.solution.state[1] - back.state[1])
+    if samples.tangent_solver is not None:
+        x0b, xh0b, logdet_back, nfe = inverse_logdet(samples.tangent_solver, samples.solution, prior.dim)
     else:
-        logq_back = logp0b - samples.logdet.to(logp0b)
-    return Certificate(x0_error=err, logq_error=(logq_back - samples.logq).abs(), nfe=back.nfe)
+        back = invert(samples.solver, samples.solution)
+        x0b, xh0b, nfe = back.state[0], None if back.aux is None else back.aux[0], back.nfe
+    err = (x0b - samples.x0).reshape(x0b.shape[0], -1).abs().amax(-1)
+    if xh0b is not None:
+        err = torch.maximum(err, (xh0b - samples.x0).reshape(x0b.shape[0], -1).abs().amax(-1))
+    logp0b = prior.log_prob(prior.project(x0b))
+    if samples.tangent_solver is not None:
+        logq_back = logp0b + logdet_back.to(logp0b)
+    else:
+        logq_back = logp0b + (samples.solution.state[1] - back.state[1])
+    return Certificate(x0_error=err, logq_error=(logq_back - samples.logq).abs(), nfe=nfe)
 
 
 def log_density(model: Model, prior, x: Tensor, solver: str, steps: Steps, *,
@@ -242,9 +290,26 @@ def log_density(model: Model, prior, x: Tensor, solver: str, steps: Steps, *,
         raise ValueError("the discrete-map density applies to the sampler's own outputs; use mode 'exact' for data")
     _check_x(prior, x, "x")
     co = solver_coords(solver, coords)
-    back_steps = steps.reversed() if isinstance(steps, FixedGrid) else dataclasses.replace(steps, t0=steps.t1,
-                                                                                             t1=steps.t0)
+    if isinstance(steps, FixedGrid):
+        back_steps = steps.reversed()
+    else:
+        back_steps = _with_norm(dataclasses.replace(steps, t0=steps.t1, t1=steps.t0), options.error_norm)
     run = _build(solver, DivergenceDynamics(model, co, options.divergence(), prior.basis(x.dtype, x.device)), zeta)
     sol = solve(run, (x, x.new_zeros(x.shape[0])), back_steps)
     x0 = prior.project(sol.x)
-    return prior.log_prob(x0) - sol.state[1], x0, sol
+    logq = prior.log_prob(x0) - sol.state[1]
+    _warn_atypical(prior, x0, logq)
+    return logq, x0, sol
+
+
+def _warn_atypical(prior, x0: Tensor, logq: Tensor) -> None:
+    """RuntimeWarning when the backward solve lands outside the prior's typical set (|x0|^2 beyond chi^2_dim's mean
+    + 20 sd) or log q is not finite: the grid did not resolve the flow and log q is meaningless (a 4-step rex-rk4
+    on the closed-form Gaussian flow to t = 0.999 gives |x0|^2 ~ 1e9 and log q off by ~6e8)."""
+    r2 = x0.reshape(x0.shape[0], -1).pow(2).sum(-1)
+    bad = ~torch.isfinite(logq) | ~(r2 <= prior.dim + 20.0 * (2.0 * prior.dim) ** 0.5)
+    if bool(bad.any()):
+        warnings.warn(f"log_density: {int(bad.sum())} of {len(bad)} samples came back outside the prior's typical set "
+                      f"(max |x0|^2 = {float(r2.max()):.3g}, a prior draw has {prior.dim} +- "
+                      f"{(2.0 * prior.dim) ** 0.5:.0f}) or with non-finite log q: the backward solve is unresolved; "
+                      "use more steps, a log-varsigma grid or an adaptive solver", RuntimeWarning, stacklevel=3)

@@ -1,4 +1,6 @@
-"""Base distributions p_0 of the flow: standard Gaussian and mean-free (centre-of-mass-free) Gaussian.
+"""Base distributions p_0 of the flow: standard Gaussian, mean-free (centre-of-mass-free) Gaussian and a standard
+Gaussian on a subset of the slots of an event (masked; internal coordinates, where the first atoms have fewer
+than three coordinates).
 
 A prior knows its event ``shape`` (e.g. ``(N, 3)``), its intrinsic dimension ``dim`` and an orthonormal
 ``basis`` [d, dim] of the subspace it lives on (d = prod(shape)); divergences and Jacobian determinants are
@@ -9,6 +11,8 @@ subspace {sum_a x_a = 0} in orthonormal coordinates (the ambient Euclidean metri
 ``log p(x) = -|x|^2 / 2 - dim/2 * log(2 pi)`` with dim = 3(N-1). Any other convention (e.g. d instead of dim in
 the normaliser, or the coordinates of N-1 particles) differs by a constant; a constant shift of every log q shifts
 every log-weight equally, which cancels in self-normalised weights, so SNIS estimates and the ESS are unchanged.
+The masked prior is the standard normal of the ``dim = mask.sum()`` valid slots; its support is the coordinate
+subspace where the invalid slots are 0, so its basis is the identity columns of the valid slots.
 """
 from __future__ import annotations
 
@@ -106,3 +110,50 @@ class MeanFreeGaussian(StandardGaussian):
             eye = torch.eye(self.n_dims, dtype=torch.float64)
             self._basis[key] = torch.kron(h, eye).to(dtype=dtype, device=device)
         return self._basis[key]
+
+
+class MaskedGaussian(StandardGaussian):
+    """Standard normal on the valid slots of events shaped like ``mask`` (e.g. [N, 3]); invalid slots are 0.
+
+    ``dim`` = number of valid slots. ``log_prob`` reads the valid slots only; ``project`` zeroes the others.
+    """
+
+    def __init__(self, mask: Tensor):
+        mask = torch.as_tensor(mask)
+        if mask.dtype != torch.bool or mask.ndim < 1:
+            raise ValueError(f"MaskedGaussian needs a boolean mask of the event shape, got {mask.dtype} "
+                             f"{list(mask.shape)}")
+        if not mask.any():
+            raise ValueError("MaskedGaussian: the mask has no valid slot")
+        super().__init__(tuple(mask.shape))
+        self.mask = mask.cpu()
+        self.dim = int(mask.sum())
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _tensors(self, dtype: torch.dtype, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+        """(boolean mask, basis [d, dim] in ``dtype``) on ``device``, cached."""
+        key = (dtype, str(device))
+        if key not in self._cache:
+            flat = self.mask.reshape(-1)
+            basis = torch.eye(flat.numel(), dtype=dtype)[:, flat]
+            self._cache[key] = (self.mask.to(device), basis.to(device))
+        return self._cache[key]
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+               device: torch.device | str | None = None) -> Tensor:
+        """``n`` draws [n, *shape]: N(0, 1) on the valid slots, 0 elsewhere (a full-shape draw, then masked)."""
+        return self.project(super().sample(n, generator, dtype, device))
+
+    def project(self, x: Tensor) -> Tensor:
+        """Zero the invalid slots: [B, *shape] -> [B, *shape]."""
+        return torch.where(self._tensors(x.dtype, x.device)[0], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p_0 of the valid slots of x [B, *shape] -> [B] (invalid slots are ignored)."""
+        self._check(x)
+        sq = self.project(x).reshape(x.shape[0], -1).square().sum(-1)
+        return -0.5 * sq - 0.5 * self.dim * math.log(2 * math.pi)
+
+    def basis(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+        """Identity columns of the valid slots, [prod(shape), dim] (flattened row-major layout)."""
+        return self._tensors(dtype, device)[1]

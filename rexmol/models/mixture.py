@@ -65,3 +65,11 @@ class GaussianMixtureFlow:
     def model(self) -> Callable[[Tensor, Tensor], Tensor]:
         """The velocity model ``f(x [B, D], t [B])``."""
         return self.velocity
+
+
+def three_mode_mixture() -> GaussianMixtureFlow:
+    """The 3-mode 3-D mixture of ``rexmol sample --model mixture``: weights (0.5, 0.3, 0.2), unequal widths,
+    modes about 2.5 apart (narrow enough that the velocity field bends sharply near the data end)."""
+    return GaussianMixtureFlow(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+                               torch.tensor([[1.5, 0.0, 0.0], [-1.0, 1.5, 0.0], [-0.5, -1.5, 1.0]]),
+                               torch.tensor([0.3, 0.5, 0.2]))

@@ -28,3 +28,16 @@ class CastModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.model(x.to(self.dtype), t.to(self.dtype)).to(x.dtype)
+
+    @property
+    def has_divergence(self) -> bool:
+        """True when the wrapped model has a structured divergence (see :meth:`velocity_and_divergence`)."""
+        return callable(getattr(self.model, "velocity_and_divergence", None)) and getattr(self.model,
+                                                                                        "has_divergence", True)
+
+    def velocity_and_divergence(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The wrapped model's (velocity, exact divergence [B]) evaluated in ``dtype``, returned in x's dtype."""
+        if not self.has_divergence:
+            raise TypeError(f"{type(self.model).__name__} has no velocity_and_divergence")
+        v, div = self.model.velocity_and_divergence(x.to(self.dtype), t.to(self.dtype))
+        return v.to(x.dtype), div.to(x.dtype)

@@ -2,7 +2,7 @@
 
 A dynamics object has ``coords`` (LawsonCoordinates), ``kinds`` (a weight kind "x" | "one" per component)
 and is called as ``dynamics(t, state) -> derivatives`` with the un-scaled state (x-space) at time ``t``
-(a float shared by the batch). Augmented dynamics (log-density, tangents) follow the same protocol.
+(a float shared by the batch, or a per-sample [B] float64 tensor under per-sample step control). Augmented dynamics (log-density, tangents) follow the same protocol.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from rexmol.solvers.lawson import LawsonCoordinates
-from rexmol.solvers.state import State
+from rexmol.solvers.state import State, is_const, per_sample
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -24,8 +24,10 @@ class Dynamics(Protocol):
     def __call__(self, t: float, state: State) -> State: ...
 
 
-def time_vector(t: float, x: Tensor) -> Tensor:
-    """``t`` as the model's [B] time input, in x's dtype and device."""
+def time_vector(t: float | Tensor, x: Tensor) -> Tensor:
+    """``t`` (a float or per-sample [B]) as the model's [B] time input, in x's dtype and device."""
+    if isinstance(t, Tensor):
+        return t.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
     return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
 
 
@@ -51,5 +53,5 @@ class ModelDynamics:
     def __call__(self, t: float, state: State) -> State:
         (x,) = state
         f = model_output(self.model, x, t)
-        c, e = self.coords.lawson_coeffs(t)
-        return (f * e,) if c == 0.0 else (x * c + f * e,)
+        c, e = (per_sample(v, x) for v in self.coords.lawson_coeffs(t))
+        return (f * e,) if is_const(c, 0.0) else (x * c + f * e,)

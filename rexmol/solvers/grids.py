@@ -1,4 +1,10 @@
-"""Fixed time grids, precomputed once in float64 (Python floats), in either direction of t."""
+"""Fixed time grids, precomputed once in float64 (Python floats), in either direction of t.
+
+``FixedGrid``: one grid for the batch, uniform in t, varsigma, log varsigma or log(1 + varsigma) (``GRID_KINDS``,
+``FixedGrid.named``); in data-kind Lawson coordinates uniform-in-t steps lose order near the data end, and a
+grid uniform in log(1 + varsigma) restores it. ``SampleGrids``: one grid per sample (the replay of a
+per-sample-controlled adaptive solve).
+"""
 from __future__ import annotations
 
 import math
@@ -6,6 +12,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from rexmol.solvers.lawson import LawsonCoordinates
+
+GRID_KINDS = ("t", "varsigma", "log-varsigma", "log1p-varsigma")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,56 @@ class FixedGrid:
         l0, l1 = math.log(s0), math.log(s1)
         inner = [float(coords.t_of_varsigma(math.exp(l0 + (l1 - l0) * i / n))) for i in range(1, n)]
         return cls([float(t0)] + inner + [float(t1)])
+
+
+    @classmethod
+    def uniform_log1p_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
+        """``steps`` equal steps in log(1 + varsigma) (varsigma must be > -1 at both ends; ends exactly t0, t1)."""
+        n = _check_steps(steps)
+        coords.check_time(t0)
+        coords.check_time(t1)
+        s0, s1 = float(coords.varsigma(float(t0))), float(coords.varsigma(float(t1)))
+        if s0 <= -1 or s1 <= -1:
+            raise ValueError(f"log1p-varsigma grid needs varsigma > -1 at both ends (got {s0}, {s1})")
+        l0, l1 = math.log1p(s0), math.log1p(s1)
+        inner = [float(coords.t_of_varsigma(math.expm1(l0 + (l1 - l0) * i / n))) for i in range(1, n)]
+        return cls([float(t0)] + inner + [float(t1)])
+
+    @classmethod
+    def named(cls, kind: str, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
+        """The grid of ``kind`` (one of GRID_KINDS), uniform in that variable of ``coords``."""
+        if kind == "t":
+            return cls.uniform_t(t0, t1, steps)
+        if kind == "varsigma":
+            return cls.uniform_varsigma(coords, t0, t1, steps)
+        if kind == "log-varsigma":
+            return cls.uniform_log_varsigma(coords, t0, t1, steps)
+        if kind == "log1p-varsigma":
+            return cls.uniform_log1p_varsigma(coords, t0, t1, steps)
+        raise ValueError(f"unknown grid {kind!r}; choose from {GRID_KINDS}")
+
+
+@dataclass(frozen=True)
+class SampleGrids:
+    """One strictly monotone grid per sample (``times[b]``), all running in the same direction of t."""
+
+    times: tuple[tuple[float, ...], ...]
+
+    def __init__(self, times: Sequence[Sequence[float]]):
+        grids = tuple(FixedGrid(ts).times for ts in times)
+        if not grids:
+            raise ValueError("per-sample grids need at least one sample")
+        if len({ts[-1] > ts[0] for ts in grids}) != 1:
+            raise ValueError("per-sample grids must all run in the same direction of t")
+        object.__setattr__(self, "times", grids)
+
+    def reversed(self) -> "SampleGrids":
+        return SampleGrids([ts[::-1] for ts in self.times])
+
+    def check(self, coords: LawsonCoordinates) -> None:
+        """ValueError if any time is outside [0, 1] or singular for ``coords``."""
+        for t in sorted({t for ts in self.times for t in ts}):
+            coords.check_time(t)
 
 
 def _check_steps(steps: int) -> int:

@@ -3,14 +3,17 @@
 Psi_h(t_n, x) is one RK step of the y-ODE dy/dvarsigma = F(t, w y) with h = varsigma(t_to) - varsigma(t_from):
 Z_i = x / w_n + h sum_j a_ij k_j, k_i = F(t(varsigma_n + c_i h), w(.) Z_i), Psi = h sum_i b_i k_i,
 done per state component (components of weight kind "one" use w = 1). Calling it with t_to < t_from in a
-forward-in-t solve is the Psi_{-h} call of the same step.
+forward-in-t solve is the Psi_{-h} call of the same step. Times are Python floats (one step for the whole batch) or
+per-sample [B] float64 tensors (per-sample step control: every sample has its own h, weights and stage times).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from rexmol.solvers.dynamics import Dynamics
-from rexmol.solvers.state import State, check_derivative
+from rexmol.solvers.state import State, check_derivative, is_const, per_sample
 from rexmol.solvers.tableaus import Tableau
 
 
@@ -26,19 +29,27 @@ class Increment:
     last_stage: State | None = None
 
 
-def _combine(base: State | None, coeffs: list[float], stages: list[State]) -> State:
-    """base + sum_j coeffs_j stages_j per component (zero coefficients skipped; they add exactly nothing)."""
+def _combine(base: State | None, coeffs: list, stages: list[State]) -> State:
+    """base + sum_j coeffs_j stages_j per component (zero coefficients skipped; they add exactly nothing).
+    A coefficient is a float, or per-sample [B] (broadcast over the component's trailing dims)."""
     out = list(base) if base is not None else None
     for coef, k in zip(coeffs, stages):
-        if coef == 0.0:
+        if is_const(coef, 0.0):
             continue
         if out is None:
-            out = [ki * coef for ki in k]
+            out = [ki * per_sample(coef, ki) for ki in k]
+        elif isinstance(coef, Tensor):
+            out = [o + ki * per_sample(coef, ki) for o, ki in zip(out, k)]
         else:
             out = [o.add(ki, alpha=coef) for o, ki in zip(out, k)]
     if out is None:  # every coefficient zero
         out = [ki * 0.0 for ki in stages[0]]
     return tuple(out)
+
+
+def _scaled(h, coeffs) -> list:
+    """h * a_j for tableau coefficients a_j, keeping exact zeros as the float 0.0 (skipped by ``_combine``)."""
+    return [0.0 if a == 0.0 else h * a for a in coeffs]
 
 
 class Princeps:
@@ -55,9 +66,13 @@ class Princeps:
     def error_order(self) -> int | None:
         return self.tableau.error_order
 
-    def component_weights(self, t: float) -> tuple[float, ...]:
-        """w(t) for components of kind "x", 1.0 for kind "one"."""
-        w = float(self.coords.weight(t))
+    def component_weights(self, t) -> tuple:
+        """w(t) for components of kind "x", 1.0 for kind "one" (and for velocity coordinates, whose weight is 1);
+        a float for a float t, a per-sample [B] tensor for a tensor t."""
+        if self.coords.kind == "velocity":
+            return tuple(1.0 for _ in self.kinds)
+        w = self.coords.weight(t)
+        w = w if isinstance(w, Tensor) else float(w)
         return tuple(w if k == "x" else 1.0 for k in self.kinds)
 
     def evaluate(self, t: float, state: State) -> State:
@@ -72,10 +87,11 @@ class Princeps:
         tab, co = self.tableau, self.coords
         want_error = with_error and tab.b_err_f is not None
         n_stages = tab.stages if want_error else tab.solution_stages
-        s0 = float(co.varsigma(t_from))
-        h = float(co.varsigma(t_to)) - s0
+        per = isinstance(t_from, Tensor)
+        s0 = co.varsigma(t_from) if per else float(co.varsigma(t_from))
+        h = (co.varsigma(t_to) if per else float(co.varsigma(t_to))) - s0
         w0 = self.component_weights(t_from)
-        y0 = tuple(x if w == 1.0 else x / w for x, w in zip(state, w0))
+        y0 = tuple(x if is_const(w, 1.0) else x / per_sample(w, x) for x, w in zip(state, w0))
         stages: list[State] = []
         nfe = 0
         for i in range(n_stages):
@@ -86,14 +102,15 @@ class Princeps:
                 ti, xi = t_from, state
             else:
                 ci = tab.c_f[i]
-                ti = t_to if ci == 1.0 else float(co.t_of_varsigma(s0 + ci * h))
-                zi = _combine(y0, [h * a for a in tab.a_f[i]], stages)
+                ti = t_to if ci == 1.0 else co.t_of_varsigma(s0 + ci * h)
+                ti = ti if per else float(ti)
+                zi = _combine(y0, _scaled(h, tab.a_f[i]), stages)
                 wi = self.component_weights(ti)
-                xi = tuple(z if w == 1.0 else z * w for z, w in zip(zi, wi))
+                xi = tuple(z if is_const(w, 1.0) else z * per_sample(w, z) for z, w in zip(zi, wi))
             stages.append(self.evaluate(ti, xi))
             nfe += 1
-        inc = _combine(None, [h * b for b in tab.b_f[:n_stages]], stages)
-        err = _combine(None, [h * b for b in tab.b_err_f], stages) if want_error else None
+        inc = _combine(None, _scaled(h, tab.b_f[:n_stages]), stages)
+        err = _combine(None, _scaled(h, tab.b_err_f), stages) if want_error else None
         last = stages[-1] if want_error and tab.fsal else None
         return Increment(increment=inc, error=err, nfe=nfe, first_stage=stages[0], last_stage=last)
 
@@ -123,7 +140,7 @@ class PrincepsSolver:
     def candidate(self, t0: float, t1: float, carry, inc: Increment) -> State:
         w0, w1 = self.psi.component_weights(t0), self.psi.component_weights(t1)
         return tuple(
-            x + d if b == 1.0 and a == 1.0 else x * (b / a) + d * b
+            x + d if is_const(b, 1.0) and is_const(a, 1.0) else x * per_sample(b / a, x) + d * per_sample(b, d)
             for x, d, a, b in zip(carry[0], inc.increment, w0, w1)
         )
 

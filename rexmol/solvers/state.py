@@ -27,6 +27,19 @@ def as_state(x: Tensor | Sequence[Tensor]) -> State:
     return (x,) if isinstance(x, Tensor) else tuple(x)
 
 
+def per_sample(v, like: Tensor):
+    """``v`` unchanged when it is a float; a per-sample [B] tensor reshaped to broadcast against ``like`` [B, ...]
+    (per-sample step sizes give every sample its own time, weight and Lawson coefficients)."""
+    if isinstance(v, Tensor):
+        return v.to(like.dtype).reshape(v.shape + (1,) * (like.dim() - 1))
+    return v
+
+
+def is_const(v, value: float) -> bool:
+    """True when ``v`` is the float ``value`` (per-sample tensors are never treated as a constant)."""
+    return not isinstance(v, Tensor) and v == value
+
+
 def check_state(state: State, kinds: Sequence[str]) -> None:
     """ValueError unless ``state`` has one tensor per kind, all floating and sharing the batch size."""
     if len(state) != len(kinds):
