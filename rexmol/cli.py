@@ -6,12 +6,15 @@ reproducibility, ``--quiet`` to silence progress bars, and how a run ends. A bad
 ``OSError``: a missing, damaged or misplaced file) ends in one line naming the file or option and exit status 2;
 Ctrl-C ends in "interrupted; rerun the same command to resume" and status 130 (every command is resumable);
 ``--debug`` (anywhere on the line) shows the traceback instead.
+
+A subcommand's module is imported only when that subcommand is named, so ``rexmol --help`` does not import torch.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Iterable
 
 SUBCOMMANDS: dict[str, str] = {
     "md": "generate molecular-dynamics data with OpenMM (resumable)",
@@ -40,8 +43,10 @@ def _module(name: str):
     return importlib.import_module(f"rexmol.commands.{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser, with every subcommand's options (``--help`` shows each option's default)."""
+def build_parser(configure: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser (``--help`` shows each option's default); every subcommand is listed, but only those in
+    ``configure`` (default: all) get their options, which imports their modules."""
+    configure = set(SUBCOMMANDS if configure is None else configure)
     parser = argparse.ArgumentParser(
         prog="rexmol",
         description="Boltzmann sampling of molecules with exactly reversible (Rex) ODE/SDE solvers.",
@@ -56,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=HelpFormatter)
         p.add_argument("--seed", type=int, default=0, help="random seed (every command is reproducible)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
-        _module(name).configure(p)
+        if name in configure:
+            _module(name).configure(p)
     return parser
 
 
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":  # LightningCLI owns its own parser
             return int(_module("train").train(argv[1:]) or 0)
-        parser = build_parser()
+        parser = build_parser([command] if command else [])
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -1,6 +1,6 @@
 """Evaluate sample folders against held-out MD: ESS, E-W2, T-W2 (proposal and reweighted), basins, intervals.
 
-Protocol (DESIGN.md §5, as the published tri-alanine evaluation): log-weights are taken as sampled; samples
+Protocol (docs/design.md §5, as the published tri-alanine evaluation): log-weights are taken as sampled; samples
 with a wrongly handed C-alpha are then mirrored (x -> -x) before dihedrals are measured; optionally the
 ceil(Q N) largest finite log-weights are dropped (``clip_logw``, the published ``logw_quantile_filter``; off by
 default because it biases the estimate); the reweighted set is as many indices as samples kept, drawn with

@@ -1,6 +1,6 @@
 """Distribution metrics against MD: E-W2 (energies), T-W2 (backbone dihedrals on the torus), basin populations.
 
-Definitions follow the published tri-alanine evaluation (DESIGN.md §5):
+Definitions follow the published tri-alanine evaluation (docs/design.md §5):
 E-W2 = sqrt(ot.emd2_1d(E_md, E_gen)) with energies in kT (squared-Euclidean ground cost);
 T-W2 = sqrt(ot.emd2(a, b, M)) with M_ij = sum_k min(|d_k|, 2 pi - |d_k|)^2, d = angle_i - angle_j (radians).
 Both accept optional sample weights so the *reweighted* distribution can be compared without resampling

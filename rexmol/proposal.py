@@ -184,13 +184,15 @@ class FlowProposal:
             return FixedGrid.named(s.grid, solver_coords(s.solver, self.coords), s.t0, s.t1, s.steps)
         return AdaptiveSteps(s.t0, s.t1, rtol=s.rtol, atol=s.atol, control=s.step_control)
 
-    def __call__(self, z: np.ndarray) -> ProposalBatch:
+    def __call__(self, z: np.ndarray, on_step=None) -> ProposalBatch:
+        """``on_step(done)``: progress callback, the fraction of the batch's solves done (forward, then the round
+        trip; the torchdiffeq baseline does not report)."""
         dtype = DTYPES[self.spec.dtype]
         x0 = self.prior.project(torch.as_tensor(z, dtype=dtype, device=self.device))
         if self.spec.solver in TORCHDIFFEQ_SOLVERS:
             x, logq, nfe, rt_x, rt_logq = self._torchdiffeq(x0)
         else:
-            x, logq, nfe, rt_x, rt_logq = self._rex_family(x0)
+            x, logq, nfe, rt_x, rt_logq = self._rex_family(x0, on_step)
         b = x0.shape[0]
         x_nm, log_det, flags = self.generator.space.decode(x.detach())
         logq_nm = torch.where(flags, torch.full_like(logq, float("nan")), logq.detach() - log_det.to(logq))
@@ -201,14 +203,18 @@ class FlowProposal:
             roundtrip_logq=np.full(b, np.nan) if rt_logq is None else rt_logq.to("cpu", torch.float64).numpy(),
         )
 
-    def _rex_family(self, x0: torch.Tensor):
+    def _rex_family(self, x0: torch.Tensor, on_step=None):
         from rexmol.likelihood.flow import LogQOptions, roundtrip_certificate, sample_with_logq
+        from rexmol.solvers.solve import progress_span
 
         s = self.spec
+        half = 0.5 if s.roundtrip else 1.0
         with torch.no_grad():
             out = sample_with_logq(self.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
-                                   zeta=s.zeta, options=LogQOptions(mode=s.logq, method=s.trace_method, error_norm=s.error_norm))
-            cert = roundtrip_certificate(out) if s.roundtrip else None
+                                   zeta=s.zeta,
+                                   options=LogQOptions(mode=s.logq, method=s.trace_method, error_norm=s.error_norm),
+                                   on_step=progress_span(on_step, 0.0, half))
+            cert = roundtrip_certificate(out, progress_span(on_step, half, 1.0)) if s.roundtrip else None
         logq = out.logq
         if out.folded is not None:  # discrete density invalid where the solver map folds: weight 0, counted
             logq = torch.where(out.folded, torch.full_like(logq, float("nan")), logq)

@@ -84,12 +84,14 @@ class Proposal(Protocol):
     """A generative model with exact log-densities: ``proposal(z)`` maps standard-normal draws z [B, N, 3]
     (float64) to a :class:`ProposalBatch`. ``description`` is JSON-able and names everything that
     determines the samples (checkpoint hash, solver, tolerances, trace, dtype); ``system`` the molecule.
-    A batch whose solve hits a non-finite value raises :class:`rexmol.solvers.state.NonFiniteError`."""
+    A batch whose solve hits a non-finite value raises :class:`rexmol.solvers.state.NonFiniteError`.
+    ``on_step(done)``, if given, may be called during the batch with the fraction of it done (0 to 1), for the
+    progress bar."""
 
     system: System
     description: dict[str, Any]
 
-    def __call__(self, z: np.ndarray) -> ProposalBatch: ...
+    def __call__(self, z: np.ndarray, on_step: Callable[[float], None] | None = None) -> ProposalBatch: ...
 
 
 def standard_normal_draws(seed: int, indices, shape: tuple[int, ...]) -> np.ndarray:
@@ -110,26 +112,33 @@ def _nonfinite_batch(n: int, n_atoms: int) -> ProposalBatch:
                          roundtrip_x=nan, roundtrip_logq=nan)
 
 
-def _propose(proposal: Proposal, z: np.ndarray) -> ProposalBatch:
+def _propose(proposal: Proposal, z: np.ndarray, on_step: Callable[[float], None] | None = None) -> ProposalBatch:
     """``proposal(z)``; if the batch's solve goes non-finite, solve each sample alone and flag those that fail."""
     from rexmol.solvers.state import NonFiniteError
 
     try:
-        return proposal(z)
+        return proposal(z) if on_step is None else proposal(z, on_step=on_step)
     except NonFiniteError:
         if len(z) == 1:
             return _nonfinite_batch(1, z.shape[1])
-        parts = [_propose(proposal, z[i : i + 1]) for i in range(len(z))]
+        parts = [_propose(proposal, z[i : i + 1], _part(on_step, i, len(z))) for i in range(len(z))]
         return ProposalBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ProposalBatch.__dataclass_fields__))
 
 
-def sample_batch(proposal: Proposal, energy, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Record of the samples ``indices`` (see module doc) plus ``x`` [B, N, 3] nm; ``energy`` an OpenMMEnergy."""
+def _part(on_step: Callable[[float], None] | None, i: int, n: int) -> Callable[[float], None] | None:
+    """Progress of sample ``i`` of ``n`` solved alone, as a fraction of the whole batch."""
+    return None if on_step is None else (lambda done: on_step((i + done) / n))
+
+
+def sample_batch(proposal: Proposal, energy, seed: int, indices: np.ndarray,
+                 on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+    """Record of the samples ``indices`` (see module doc) plus ``x`` [B, N, 3] nm; ``energy`` an OpenMMEnergy;
+    ``on_step``: passed to the proposal (progress within the batch)."""
     from rexmol.geometry import wrong_handedness
 
     system = proposal.system
     z = standard_normal_draws(seed, indices, (system.n_atoms, 3))
-    out = _propose(proposal, z)
+    out = _propose(proposal, z, on_step)
     x = np.asarray(out.x, dtype=np.float64)
     if x.shape != (len(indices), system.n_atoms, 3):
         raise ValueError(f"proposal returned x of shape {x.shape}, expected {(len(indices), system.n_atoms, 3)}")
@@ -317,7 +326,8 @@ def run_config(proposal: Proposal, n: int, batch_size: int, seed: int) -> dict[s
 
 def run_rank(proposal: Proposal, out, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
              quiet: bool = False, stop_after: int | None = None) -> None:
-    """Compute this rank's missing batches (b % world == rank) into ``out``; rank 0 shows a progress bar.
+    """Compute this rank's missing batches (b % world == rank) into ``out``; rank 0 shows a progress bar in
+    samples, which moves inside a batch too (fractionally, from the proposal's ``on_step``; none when ``quiet``).
 
     ``stop_after``: return after that many batches (simulates an interruption in tests).
     """
@@ -339,13 +349,25 @@ def run_rank(proposal: Proposal, out, n: int, batch_size: int, seed: int, rank: 
             if stop_after is not None and k >= stop_after:
                 break
             t0, c0 = time.perf_counter(), time.process_time()
-            record = sample_batch(proposal, energy, seed, batch_indices(n, batch_size, b))
+            on_step = None if bar.disable else _bar_mover(bar, done, run.size(b))
+            record = sample_batch(proposal, energy, seed, batch_indices(n, batch_size, b), on_step)
             run.write_batch(b, record, time.perf_counter() - t0, time.process_time() - c0)
             done += run.size(b)
             while others and run.batch_path(others[0]).is_file():
                 done += run.size(others.pop(0))
             bar.update(done - bar.n)
     bar.close()
+
+
+def _bar_mover(bar, done: int, size: int) -> Callable[[float], None]:
+    """Progress callback of one batch of ``size`` samples after ``done``: moves ``bar`` to done + fraction * size
+    (to 0.1 sample; never backwards), through tqdm's update so that its refresh throttling applies."""
+    def on_step(fraction: float) -> None:
+        value = done + round(min(max(fraction, 0.0), 1.0) * size, 1)
+        if value > bar.n:
+            bar.n = int(value) if float(value).is_integer() else value
+            bar.update(0)
+    return on_step
 
 
 def _free_port() -> int:

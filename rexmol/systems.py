@@ -90,10 +90,6 @@ class System:
         return {k: [list(map(int, q)) for q in v] for k, v in self.spec["dihedrals"].items()}
 
     @property
-    def ca_indices(self) -> list[int]:
-        return [a.index for a in self.topology.atoms() if a.name == "CA"]
-
-    @property
     def md(self) -> dict[str, Any]:
         """MD protocol (timestep_fs, friction_per_ps, frame_interval_ps, equilibration_ps, ...)."""
         return dict(self.spec.get("md", {}))

@@ -125,12 +125,13 @@ def test_conditioner_is_hollow_and_twin_is_not(system, zmatrix, kind):
 
 def test_pure_under_torch_func(system, zmatrix):
     model = build(system, zmatrix, "cartesian")
-    x = torch.randn(3, system.n_atoms, 3, dtype=DT)
+    x = torch.randn(3, system.n_atoms, 3, dtype=DT, generator=torch.Generator().manual_seed(4))
     x = x - x.mean(1, keepdim=True)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=DT)
     ref = model(x, t)
+    roundoff = 1e-14 * ref.abs().max()  # batched and per-sample kernels may sum in a different order
     per = vmap(lambda xi, ti: model(xi[None], ti[None])[0])(x, t)
-    assert (per - ref).abs().max() < 1e-13
+    assert (per - ref).abs().max() < roundoff
     state = {k: v.detach() for k, v in model.state_dict().items()}
     assert torch.equal(functional_call(model, state, (x, t)), ref)
     d = torch.randn_like(x)
@@ -142,7 +143,7 @@ def test_pure_under_torch_func(system, zmatrix):
     assert (tangent - fd).abs().max() < 1e-6 * tangent.abs().max()
     assert abs((row * d).sum() - (tangent * d).sum()) < 1e-9  # <d, J d> both ways
     v, div = vmap(lambda xi, ti: model.velocity_and_divergence(xi[None], ti[None]))(x, t)
-    assert (v[:, 0] - ref).abs().max() < 1e-13
+    assert (v[:, 0] - ref).abs().max() < roundoff
 
 
 def test_auto_picks_structured_only_when_compatible(system, zmatrix):
@@ -152,6 +153,10 @@ def test_auto_picks_structured_only_when_compatible(system, zmatrix):
     assert structured_incompatibility(ic, x, basis_of(ic)) is None
     assert structured_incompatibility(cart, x, basis_of(cart)) is None
     assert "identity" in structured_incompatibility(ic, x, None)
+    n = system.n_atoms  # all slots valid, not mean-free: the identity basis (StandardGaussian) is compatible
+    full = HollowTransformer.for_system(system, HollowConfig.from_size("tiny"), np.arange(n), np.ones((n, 3), bool),
+                                        mean_free=False)
+    assert structured_incompatibility(full, x, None) is None
     other = torch.linalg.qr(torch.randn(3 * system.n_atoms, 3 * system.n_atoms - 3, dtype=DT))[0]
     assert "span" in structured_incompatibility(cart, x, other)
     auto = ExactTrace("auto")
@@ -185,8 +190,9 @@ def test_structured_through_castmodel(system, zmatrix):
     assert (div - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-# The sampler tests: a smaller network (one block per stream) so that the vjp-loop reference (3N - 6 or 3N - 3 reverse
-# passes per evaluation) stays at a few CPU-seconds per case; hollowness over depth is tested above.
+# The sampler tests: a smaller network (one block per stream) with small weights (3 accepted Rex-Dopri5 steps over
+# [0, 0.5] at rtol = atol = 1e-3) so that the vjp-loop reference (3N - 6 or 3N - 3 reverse passes per evaluation)
+# stays at a few CPU-seconds per case; hollowness over depth is tested above with the two-block 'tiny' network.
 SAMPLER_NET = HollowConfig(hidden=8, depth=1, heads=1, mlp_ratio=1, tau_hidden=8, time_frequencies=4)
 
 
@@ -199,16 +205,17 @@ def sampler_setup(system, zmatrix: ZMatrix, layout: str):
     else:
         order, mask, prior = zmatrix.order, zmatrix.mask, MaskedGaussian(torch.as_tensor(zmatrix.mask))
     model = randomised(HollowTransformer.for_system(system, SAMPLER_NET, order, mask,
-                                                    mean_free=layout == "cartesian"), 0.3)
+                                                    mean_free=layout == "cartesian"), 0.1)
     return model, prior, prior.sample(2, generator=torch.Generator().manual_seed(2), dtype=DT)
 
 
 def adaptive(control: str) -> AdaptiveSteps:
-    return AdaptiveSteps(0.0, 0.5, rtol=1e-3, atol=1e-3, control=control)
+    return AdaptiveSteps(0.0, 0.5, rtol=1e-3, atol=1e-3, first_step=0.2, control=control)
 
 
 SAMPLER_CASES = [("rex-dopri5", "shared", "zmatrix"), ("rex-dopri5", "per-sample", "zmatrix"),
-                 ("rex-dopri5", "shared", "cartesian"), ("rex-dopri5", "per-sample", "cartesian"),
+                 ("rex-dopri5", "shared", "cartesian"),
+                 pytest.param("rex-dopri5", "per-sample", "cartesian", marks=pytest.mark.slow),
                  ("princeps-rk4", "fixed", "zmatrix"), ("rk4", "fixed", "zmatrix"),
                  pytest.param("princeps-rk4", "fixed", "cartesian", marks=pytest.mark.slow),
                  pytest.param("rk4", "fixed", "cartesian", marks=pytest.mark.slow)]
@@ -227,7 +234,7 @@ def test_sampler_logq_structured_equals_vjp_loop(system, zmatrix, solver, contro
     # adaptive steps see log q in their error norm, so round-off in the trace may move the grid by round-off
     assert (s.x - ref.x).abs().max() <= 1e-12 * ref.x.abs().max()
     assert (s.logq - ref.logq).abs().max() <= 1e-9
-    assert (s.logq - s.logp0).abs().min() > 1e-2  # the flow changes log q
+    assert (s.logq - s.logp0).abs().min() > 5e-3  # the flow changes log q
     if control != "fixed":
         assert s.info["grid"]["step_control"] == control and s.info["grid"]["steps"] >= 2
     if solver.startswith("rex-"):

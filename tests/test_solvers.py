@@ -1,5 +1,5 @@
 """Solver truths in float64 (issue 3): exact round trips, convergence orders, DDIM equality, scipy agreement,
-clear errors. Independent references: the closed-form Gaussian flow (DESIGN.md §6), hand-written DDIM and
+clear errors. Independent references: the closed-form Gaussian flow (docs/design.md §6), hand-written DDIM and
 Euler updates, scipy's DOP853."""
 from __future__ import annotations
 

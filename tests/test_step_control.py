@@ -52,8 +52,9 @@ def test_mixture_logq_max_error_at_rtol_1e3_shared(solver, lawson):
     assert r["logq_max_abs_error"] <= 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 target not reached: per-sample control at rtol 1e-3 leaves "
-                                       "the worst sample's integrated log q off by ~2e-2 (local control of ell)")
+@pytest.mark.xfail(strict=True, reason="issue 15 target not reached: on the worst sample one accepted step's "
+                                       "embedded estimate of the ell error is ~46x too small (see "
+                                       "evaluation/results/issue15_mixture_target/README.md)")
 @pytest.mark.parametrize("solver,lawson", CASES)
 def test_mixture_logq_max_error_at_rtol_1e3_per_sample(solver, lawson):
     r = mixture_check(n=512, solver=solver, lawson=lawson, rtol=1e-3, t1=T1, trace_method="vjp-loop",

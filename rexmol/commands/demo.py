@@ -1,13 +1,17 @@
 """``rexmol demo``: the main job — Boltzmann-sample tri-alanine with Rex-Dopri5, the Dopri5 baseline and Rex-RK4 on
-8 fixed steps with the exact density of the discrete map, all from the same prior draws of the shipped
-checkpoint; evaluate them against the shipped MD test set, print the Table-6-style table, write the report.
+16 fixed steps, all from the same prior draws of the shipped internal-coordinate hollow generator; evaluate them
+against the shipped MD test set with bootstrap intervals and the MD floor, print the Table-6-style table, write the
+report.
 
-Defaults are sized for <= 15 minutes on 2 CPU cores (measured time in the README): 24 samples per proposal,
-rtol = atol = 1e-3, data-kind Lawson coordinates on [0, 0.999] (the paper's Rex), a float64 state around a
-float32 network (data-kind round trips near t = 1 need the float64 state; the network only has to be
-deterministic), exact trace, round-trip certificates. ``--full`` runs the published protocol instead (10^4
-samples per solver, rtol = atol = 1e-4, plus the torchdiffeq baseline, 10 bootstrap replicates instead of 100),
-the one command for a GPU or a long run.
+The shipped generator works in internal coordinates (docs/design.md §8) and its hollow network gives the exact
+divergence in about one forward pass, so exact log q with a round-trip certificate costs seconds per sample instead
+of the Cartesian DiT's minute. Defaults are sized for <= 15 minutes on 2 CPU cores (measured time in the README):
+128 samples per proposal, rtol = atol = 1e-3 with per-sample control of (x, log q), data-kind Lawson coordinates on
+[0, 0.999] (the paper's Rex), a float64 state around a float32 network (data-kind round trips near t = 1 need the
+float64 state; the network only has to be deterministic), exact trace, round-trip certificates. The density of the
+discrete map (``--solvers rex-rk4@8:discrete``) needs whole Jacobian rows, about 100 reverse passes per evaluation,
+so it is not in the default set. ``--full`` runs the published protocol instead (10^4 samples per solver,
+rtol = atol = 1e-4, plus the torchdiffeq baseline, 10 bootstrap replicates), the one command for a GPU or a long run.
 """
 from __future__ import annotations
 
@@ -19,17 +23,18 @@ from rexmol.commands import evaluate
 from rexmol.commands.sample import add_solver_options
 
 COMMON = {"rtol": 1e-3, "dtype": "float64", "model_dtype": "float32", "lawson": "data", "t1": 0.999}
-DEMO = {**COMMON, "n": 24, "solvers": "rex-dopri5,dopri5,rex-rk4@8:discrete", "batch_size": 12, "processes": 2,
-        "bootstrap": 100}
+DEMO = {**COMMON, "n": 128, "solvers": "rex-dopri5,dopri5,rex-rk4@16", "batch_size": 64, "processes": 2,
+        "bootstrap": 50}
 # 10 bootstrap replicates at N = 10^4: each exact T-W2 of the proposal (10^4 x 10^4 transport) takes about a CPU
 # minute, so 100 replicates would add hours per solver.
-FULL = {**COMMON, "n": 10_000, "solvers": "torchdiffeq-dopri5,dopri5,rex-dopri5,rex-rk4@16:discrete", "rtol": 1e-4,
+FULL = {**COMMON, "n": 10_000, "solvers": "torchdiffeq-dopri5,dopri5,rex-dopri5,rex-rk4@16", "rtol": 1e-4,
         "batch_size": 256, "processes": 1, "bootstrap": 10}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``rexmol demo``."""
-    parser.add_argument("--ckpt", type=Path, default=Path("data/ala3/model/generator.pt"), help="shipped generator")
+    parser.add_argument("--ckpt", type=Path, default=Path("data/ala3/model_ic/generator.pt"),
+                        help="shipped generator (internal-coordinate hollow network)")
     parser.add_argument("--reference", type=Path, default=Path("data/ala3"), help="shipped MD dataset")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="sample folders + report (resumable)")
     parser.add_argument("--full", action="store_true",

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rexmol.likelihood.priors import MeanFreeGaussian
 from rexmol.models.checkpoint import load_generator
 from rexmol.models.gaussian import GaussianFlow
 from rexmol.solvers import (
@@ -43,7 +42,7 @@ DEFAULT_SOLVERS = ["euler", "midpoint", "rk4", "dopri5", "princeps-rk4", "rex-eu
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``rexmol roundtrip``."""
     parser.add_argument("--model", default="gaussian",
-                        help="'gaussian' (closed-form flow matching of N(m, s^2 I)) or a DiT checkpoint path "
+                        help="'gaussian' (closed-form flow matching of N(m, s^2 I)) or a generator checkpoint path (Cartesian or internal-coordinate) "
                              "(generator.pt or a `rexmol train` .ckpt)")
     parser.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS, metavar="NAME",
                         help="<tableau> (plain RK in t), princeps-<tableau>, rex-<tableau> with tableaux "
@@ -94,9 +93,8 @@ def gaussian_problem(args: argparse.Namespace, dtype: torch.dtype) -> Problem:
 
 
 def checkpoint_problem(path: Path, args: argparse.Namespace, dtype: torch.dtype) -> Problem:
-    """A trained DiT (normalised units); x0 from its mean-free Gaussian prior, flattened to [B, 3N].
-
-    The DiT takes flattened frames [B, 3N] (atom-major) as they are, so no reshaping wrapper is needed.
+    """A trained generator in its own coordinates; x0 from its prior (mean-free Cartesian or masked internal),
+    flattened to [B, 3N]. Both networks take flattened tokens [B, 3N] (atom-major) as they are.
     """
     if not path.is_file():
         raise FileNotFoundError(f"--model {path}: no such file (use --model gaussian or a checkpoint path)")
@@ -108,9 +106,8 @@ def checkpoint_problem(path: Path, args: argparse.Namespace, dtype: torch.dtype)
         raise ValueError(f"--model {path}: sigma_min = {gen.sigma_min}, but the solvers assume the path "
                          "x_t = t x_1 + (1 - t) x_0 (sigma_min = 0)")
     gen.to(dtype)
-    prior = MeanFreeGaussian(gen.n_atoms, 3)
-    x0 = prior.sample(args.batch, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    return Problem(gen.model, gen.output_kind, x0.reshape(args.batch, gen.dim).to(dtype), None)
+    x0 = gen.prior.sample(args.batch, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    return Problem(gen.model, gen.output_kind, x0.reshape(args.batch, -1).to(dtype), None)
 
 
 def _make_solver(name: str, problem: Problem, coords: LawsonCoordinates, args: argparse.Namespace):

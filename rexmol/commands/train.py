@@ -28,10 +28,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """LightningCLI parses ``rexmol train`` itself (the top-level cli hands it the raw argv)."""
 
 
-def run(args: argparse.Namespace) -> int:
-    return train([])
-
-
 def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 

@@ -1,4 +1,4 @@
-"""Augmented dynamics (x, ell) of a continuous normalising flow in the solver's Lawson coordinates (DESIGN.md §4).
+"""Augmented dynamics (x, ell) of a continuous normalising flow in the solver's Lawson coordinates (docs/design.md §4).
 
 d ell/dt = -div_x v(x, t), so log q(x_t) = log p_0(x_0) + ell(t). With v = a x + b f (the model output f,
 ``coords.velocity_coeffs``) the divergence on a k-dimensional support is a k + b tr(U^T J_f U), and in Lawson

@@ -1,4 +1,4 @@
-"""Exact density of the *discrete* solver map by tangent propagation (DESIGN.md §4, issue 9).
+"""Exact density of the *discrete* solver map by tangent propagation (docs/design.md §4, issue 9).
 
 On a fixed grid the sampler's output x_N = Phi(x_0) is a smooth map, so log q(x_N) = log p_0(x_0) - log|det dPhi/dx_0|.
 Explicit (Lawson) RK steps and the Rex coupling are built from linear combinations of states and right-hand sides
@@ -29,7 +29,7 @@ from rexmol.likelihood.cnf import check_output, log_density_rate, support_dim
 from rexmol.likelihood.divergence import ExactTrace, Model
 from rexmol.solvers.dynamics import time_vector
 from rexmol.solvers.lawson import LawsonCoordinates
-from rexmol.solvers.solve import Solution, Solver, invert
+from rexmol.solvers.solve import Progress, Solution, Solver, invert, progress_span
 from rexmol.solvers.state import State
 
 
@@ -104,7 +104,8 @@ def column_chunk(batch: int, k: int, itemsize: int, stages: int, reversible: boo
     return max(1, min(k, memory_budget // per_column))
 
 
-def inverse_logdet(solver: Solver, solution: Solution, k: int) -> tuple[Tensor, Tensor | None, Tensor, int]:
+def inverse_logdet(solver: Solver, solution: Solution, k: int,
+                   on_step: Progress | None = None) -> tuple[Tensor, Tensor | None, Tensor, int]:
     """The backward pass of a discrete-mode solve with tangents: log|det d x_0/d x_N| re-derived from the inverse.
 
     ``solver``: the tangent solver (``TangentDynamics(..., with_trace=False)``, state (x, M)) of the forward solve;
@@ -113,7 +114,7 @@ def inverse_logdet(solver: Solver, solution: Solution, k: int) -> tuple[Tensor, 
     Schur complement along the sampler's output set (module docstring); a non-reversible solver carries the k
     columns of the identity through its backward integration (its inverse only to truncation error). Returns
     (x_0' [B, *shape], x_hat_0' or None, log|det| [B] float64 (= -log|det dPhi/dx_0| up to round-off for Rex),
-    NFE of the backward solves).
+    NFE of the backward solves). ``on_step(done)``: progress over the column chunks' backward solves.
     """
     x = solution.state[0]
     B = x.shape[0]
@@ -122,12 +123,14 @@ def inverse_logdet(solver: Solver, solution: Solution, k: int) -> tuple[Tensor, 
     chunk = column_chunk(B, k, x.element_size(), tab.stages, solver.reversible,
                          solver.psi.dynamics.jac.memory_budget, n_cols)
     cols, x0, xh0, nfe = [], None, None, 0
+    n_solves = -(-n_cols // chunk)
     for c0 in range(0, n_cols, chunk):
         sel = range(c0, min(c0 + chunk, n_cols))
         eye = identity_columns(B, n_cols, sel, x.dtype, x.device)  # [B, 2k or k, c]
         state = (x, eye[:, :k])
         aux = (solution.aux[0], eye[:, k:]) if solver.reversible else None
-        back = invert(solver, Solution(state, aux, solution.record))
+        part = progress_span(on_step, c0 // chunk / n_solves, (c0 // chunk + 1) / n_solves)
+        back = invert(solver, Solution(state, aux, solution.record), on_step=part)
         x0, nfe = back.state[0], nfe + back.nfe
         cols.append((back.state[1], None if back.aux is None else back.aux[1]))
         xh0 = None if back.aux is None else back.aux[0]

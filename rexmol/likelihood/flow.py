@@ -27,7 +27,7 @@ from rexmol.likelihood.divergence import ExactTrace, Hutchinson, Model
 from rexmol.solvers import (AdaptiveSteps, FixedGrid, LawsonCoordinates, ModelDynamics, Solution, invert, make_solver,
                             solve)
 from rexmol.solvers.dynamics import time_vector
-from rexmol.solvers.solve import Solver
+from rexmol.solvers.solve import Progress, Solver, progress_span
 
 LOGQ_MODES = ("exact", "hutchinson", "discrete")
 ERROR_NORMS = ("x+logq", "x")
@@ -146,12 +146,14 @@ def freeze_grid(model: Model, prior, solver: str, steps: AdaptiveSteps, *, coord
 
 def sample_with_logq(model: Model, prior, x0: Tensor, solver: str, steps: Steps, *,
                      coords: LawsonCoordinates | None = None, zeta: float = 1.0,
-                     options: LogQOptions = LogQOptions(), pilot_n: int = 64, pilot_seed: int = 0) -> FlowSamples:
+                     options: LogQOptions = LogQOptions(), pilot_n: int = 64, pilot_seed: int = 0,
+                     on_step: Progress | None = None) -> FlowSamples:
     """Push prior draws ``x0`` [B, *shape] through ``solver`` over ``steps`` and return samples with log q.
 
     ``prior``: :class:`StandardGaussian` or :class:`MeanFreeGaussian` (its basis defines the support).
     ``mode == "discrete"`` needs a fixed grid; AdaptiveSteps are frozen from a pilot run (see :func:`freeze_grid`)
-    on ``pilot_n`` independent draws from ``pilot_seed``, and the record says so.
+    on ``pilot_n`` independent draws from ``pilot_seed``, and the record says so. ``on_step(done)``: progress,
+    the fraction of the solves done (see :mod:`rexmol.solvers.solve`; the pilot solve is not counted).
     """
     _check_x(prior, x0, "x0")
     co = solver_coords(solver, coords)
@@ -161,14 +163,14 @@ def sample_with_logq(model: Model, prior, x0: Tensor, solver: str, steps: Steps,
                             "support_dim": prior.dim, "dtype": str(x0.dtype).replace("torch.", "")}
     if options.mode == "discrete":
         return _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, logp0, info,
-                                pilot_n, pilot_seed)
+                                pilot_n, pilot_seed, on_step)
     divergence = options.divergence()
     if isinstance(steps, AdaptiveSteps):
         steps = _with_norm(steps, options.error_norm)
         if steps.control == "per-sample":
             divergence = _fixed_method(divergence, model, x0, steps.t0, basis)
     run = _build(solver, DivergenceDynamics(model, co, divergence, basis), zeta)
-    sol = solve(run, (x0, x0.new_zeros(x0.shape[0])), steps)
+    sol = solve(run, (x0, x0.new_zeros(x0.shape[0])), steps, on_step)
     logq = logp0 + sol.state[1]
     info.update(_trace_info(divergence), grid=_grid_info(sol, steps, options.error_norm))
     if options.mode == "hutchinson":
@@ -199,7 +201,8 @@ def _fixed_method(divergence: ExactTrace | Hutchinson, model: Model, x0: Tensor,
     return ExactTrace(chosen[0], memory_budget=divergence.memory_budget) if len(chosen) == 1 else divergence
 
 
-def _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, logp0, info, pilot_n, pilot_seed):
+def _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, logp0, info, pilot_n, pilot_seed,
+                     on_step):
     if isinstance(steps, AdaptiveSteps):
         steps, grid_info = freeze_grid(model, prior, solver, steps, coords=co, zeta=zeta, n_pilot=pilot_n,
                                        seed=pilot_seed, dtype=x0.dtype, device=x0.device)
@@ -213,13 +216,14 @@ def _sample_discrete(model, prior, x0, solver, steps, co, zeta, options, basis, 
     tab = make_solver(solver, ModelDynamics(model, co), zeta=zeta).psi.tableau
     chunk = column_chunk(B, k, x0.element_size(), tab.stages, solver.startswith("rex-"), options.memory_budget)
     blocks, nfe, logq_int, sol = [], 0, None, None
+    n_solves = -(-k // chunk)
     for c0 in range(0, k, chunk):
         cols = range(c0, min(c0 + chunk, k))
         full = len(cols) == k
         run = _build(solver, TangentDynamics(model, co, jac, basis, with_trace=full), zeta)
         M0 = identity_columns(B, k, cols, x0.dtype, x0.device)
         state = (x0, x0.new_zeros(B), M0) if full else (x0, M0)
-        s = solve(run, state, steps)
+        s = solve(run, state, steps, progress_span(on_step, c0 // chunk / n_solves, (c0 // chunk + 1) / n_solves))
         blocks.append(s.state[-1])
         nfe += s.nfe
         if sol is None:
@@ -251,20 +255,21 @@ def _grid_info(sol: Solution, steps: Steps, error_norm: str) -> dict[str, Any]:
             "step_control": steps.control}
 
 
-def roundtrip_certificate(samples: FlowSamples) -> Certificate:
+def roundtrip_certificate(samples: FlowSamples, on_step: Progress | None = None) -> Certificate:
     """Run ``samples`` back to t_0 with the same solver (Rex: closed-form inverse over the recorded grid;
     non-reversible: backward integration over the reversed grid) and measure how well x_0 and log q return.
 
     log q' = log p_0(x_0') + ell_N - ell_0' (integrated modes; ell_0' should be 0). In discrete mode the backward
     pass carries tangents and re-derives the log-determinant of the inverse map (:func:`inverse_logdet`), so
     log q' = log p_0(x_0') + log|det d x_0'/d x_N| certifies the forward log|det| too. Errors are per sample; Rex
-    gives round-off, a non-reversible solver its truncation error.
+    gives round-off, a non-reversible solver its truncation error. ``on_step(done)``: progress of the backward pass.
     """
     prior = samples.prior
     if samples.tangent_solver is not None:
-        x0b, xh0b, logdet_back, nfe = inverse_logdet(samples.tangent_solver, samples.solution, prior.dim)
+        x0b, xh0b, logdet_back, nfe = inverse_logdet(samples.tangent_solver, samples.solution, prior.dim,
+                                                   on_step)
     else:
-        back = invert(samples.solver, samples.solution)
+        back = invert(samples.solver, samples.solution, on_step=on_step)
         x0b, xh0b, nfe = back.state[0], None if back.aux is None else back.aux[0], back.nfe
     err = (x0b - samples.x0).reshape(x0b.shape[0], -1).abs().amax(-1)
     if xh0b is not None:

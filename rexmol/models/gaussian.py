@@ -1,4 +1,4 @@
-"""Closed-form flow matching of Gaussian data N(m, s^2 I) from N(0, I) noise (DESIGN.md §6).
+"""Closed-form flow matching of Gaussian data N(m, s^2 I) from N(0, I) noise (docs/design.md §6).
 
 Path alpha_t = t, sigma_t = 1 - t. The marginal at time t is N(t m, S_t^2 I) with S_t = sqrt(t^2 s^2 + (1-t)^2),
 the ODE flow is x_t = t m + S_t x_0 and the velocity is v(x, t) = m + (S_t'/S_t)(x - t m).

@@ -1,7 +1,7 @@
 """Adaptive step control (embedded error, PI/I controller in varsigma) and the record of accepted steps.
 
 Every accepted step time is recorded in a ``StepRecord``; inverting replays the recorded grid in reverse,
-because running a controller backwards is not an exact inverse (DESIGN.md §2).
+because running a controller backwards is not an exact inverse (docs/design.md §9).
 
 Error norm: each sample's ratio is the *max over the controlled components* of that component's RMS, so a
 scalar log-density controlled beside a 99-dimensional x gets its own tolerance instead of 1/100 of the sum of

@@ -1,4 +1,4 @@
-"""Lawson (exponential-integrator) coordinates: y = x / w(t) as a function of varsigma(t) (DESIGN.md §2).
+"""Lawson (exponential-integrator) coordinates: y = x / w(t) as a function of varsigma(t) (docs/design.md §2).
 
 kind "data":     varsigma = alpha/sigma, w = sigma, dy/dvarsigma = D(x, t)  (singular where sigma = 0)
 kind "noise":    varsigma = sigma/alpha, w = alpha, dy/dvarsigma = E(x, t)  (singular where alpha = 0)

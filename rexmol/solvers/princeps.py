@@ -1,4 +1,4 @@
-"""Princeps: the exponential (Lawson) explicit RK increment Psi for any tableau (DESIGN.md §2).
+"""Princeps: the exponential (Lawson) explicit RK increment Psi for any tableau (docs/design.md §2).
 
 Psi_h(t_n, x) is one RK step of the y-ODE dy/dvarsigma = F(t, w y) with h = varsigma(t_to) - varsigma(t_from):
 Z_i = x / w_n + h sum_j a_ij k_j, k_i = F(t(varsigma_n + c_i h), w(.) Z_i), Psi = h sum_i b_i k_i,

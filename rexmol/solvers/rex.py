@@ -1,4 +1,4 @@
-"""Rex: the McCallum–Foster coupling over any Psi, with coupling zeta in (0, 1] (DESIGN.md §2).
+"""Rex: the McCallum–Foster coupling over any Psi, with coupling zeta in (0, 1] (docs/design.md §2).
 
 With r_n = w_{n+1}/w_n (per component; 1 for weight kind "one") and auxiliary state x_hat_0 = x_0:
 

@@ -2,7 +2,7 @@
 
 Model outputs (velocity v, data prediction D, noise prediction E) are converted by exact affine maps in x and
 the output f, returned as coefficient pairs so that divergences and tangents convert the same way:
-``velocity_coeffs(t, output) -> (a, b)`` with v = a x + b f (DESIGN.md §2).
+``velocity_coeffs(t, output) -> (a, b)`` with v = a x + b f (docs/design.md §2).
 Every function takes ``t`` as a Python float (float64 arithmetic) or a tensor.
 """
 from __future__ import annotations

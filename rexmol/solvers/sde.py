@@ -1,4 +1,4 @@
-"""Reversible SDE solvers: Euler-Maruyama and ShARK as a stochastic Psi for the Rex coupling (DESIGN.md §3).
+"""Reversible SDE solvers: Euler-Maruyama and ShARK as a stochastic Psi for the Rex coupling (docs/design.md §3).
 
 The reverse-time diffusion SDE of the path x_t = alpha_t x_data + sigma_t eps (t = 0 noise, t = 1 data),
     dx = x dlog(alpha) - 2 (x - alpha D) dlambda + sqrt(2) sigma dB_lambda,   lambda = log(alpha / sigma),

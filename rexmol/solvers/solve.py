@@ -5,12 +5,17 @@ Per-sample step control (``AdaptiveSteps(control="per-sample")``) advances every
 inside one batched computation: each iteration takes the samples still running, calls the dynamics with their
 own times (a [B] time vector), and scatters the accepted ones back; the result is a ``SampleRecords`` of
 per-sample grids and NFE, replayed (``SampleGrids``) and inverted per sample the same way.
+
+Progress: ``solve`` and ``invert`` take an optional ``on_step(done)`` called after every accepted step with the
+fraction of the run done, rising to exactly 1.0 at the end (a fixed grid: steps done / steps; adaptive: the share
+of the varsigma span covered; per-sample: the mean of the samples' shares), so a progress bar can move inside a
+batch without wrapping the model.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +30,14 @@ from rexmol.solvers.state import NonFiniteError, State, as_state, check_state, p
 from rexmol.solvers.tableaus import get_tableau
 
 Solver = PrincepsSolver | RexSolver
+Progress = Callable[[float], None]
+
+
+def progress_span(on_step: Progress | None, start: float, stop: float) -> Progress | None:
+    """``on_step`` for one part of a larger job: a fraction f of the part reports start + f (stop - start)."""
+    if on_step is None:
+        return None
+    return lambda done: on_step(start + done * (stop - start))
 
 
 @dataclass
@@ -71,28 +84,30 @@ def _step_error(err: NonFiniteError, n: int, t0: float, t1: float) -> NonFiniteE
 Steps = FixedGrid | SampleGrids | AdaptiveSteps
 
 
-def solve(solver: Solver, state: Tensor | Sequence[Tensor], steps: Steps) -> Solution:
-    """Integrate ``state`` (x_0, or a tuple of components) over ``steps`` with ``solver``."""
+def solve(solver: Solver, state: Tensor | Sequence[Tensor], steps: Steps, on_step: Progress | None = None) -> Solution:
+    """Integrate ``state`` (x_0, or a tuple of components) over ``steps`` with ``solver``; ``on_step``: progress
+    callback (module doc)."""
     state = as_state(state)
     psi = solver.psi
     check_state(state, psi.kinds)
     if isinstance(steps, FixedGrid):
         steps.check(psi.coords)
-        return _solve_fixed(solver, solver.start(state), steps.times)
+        return _solve_fixed(solver, solver.start(state), steps.times, on_step)
     if isinstance(steps, SampleGrids):
         if len(steps.times) != state[0].shape[0]:
             raise ValueError(f"{len(steps.times)} per-sample grids for a batch of {state[0].shape[0]}")
         steps.check(psi.coords)
-        return _march(solver, solver.start(state), steps.times, forward=True)
+        return _march(solver, solver.start(state), steps.times, forward=True, on_step=on_step)
     if isinstance(steps, AdaptiveSteps):
         if steps.control == "per-sample":
-            return _solve_adaptive_per_sample(solver, state, steps)
-        return _solve_adaptive(solver, state, steps)
+            return _solve_adaptive_per_sample(solver, state, steps, on_step)
+        return _solve_adaptive(solver, state, steps, on_step)
     raise ValueError(f"steps must be a FixedGrid, SampleGrids or AdaptiveSteps, got {type(steps).__name__}")
 
 
-def invert(solver: Solver, solution: Solution, steps: FixedGrid | AdaptiveSteps | None = None) -> Solution:
-    """Run ``solution`` back to its start time.
+def invert(solver: Solver, solution: Solution, steps: FixedGrid | AdaptiveSteps | None = None,
+           on_step: Progress | None = None) -> Solution:
+    """Run ``solution`` back to its start time (``on_step``: progress callback, module doc).
 
     Rex: the closed-form backward step over the recorded grid in reverse (exact up to round-off); the
     returned ``state`` is x_0 and ``aux`` is x_hat_0. Non-reversible solvers integrate backward with the same
@@ -100,7 +115,7 @@ def invert(solver: Solver, solution: Solution, steps: FixedGrid | AdaptiveSteps 
     """
     if not solver.reversible:
         default = solution.record.grid().reversed()
-        return solve(solver, solution.state, steps if steps is not None else default)
+        return solve(solver, solution.state, steps if steps is not None else default, on_step)
     if steps is not None:
         raise ValueError("Rex inverts over its recorded grid; do not pass steps")
     if solution.aux is None:
@@ -108,7 +123,8 @@ def invert(solver: Solver, solution: Solution, steps: FixedGrid | AdaptiveSteps 
     check_state(solution.state, solver.psi.kinds)
     check_state(solution.aux, solver.psi.kinds)
     if solution.per_sample:
-        return _march(solver, (solution.state, solution.aux), solution.record.grid().times, forward=False)
+        return _march(solver, (solution.state, solution.aux), solution.record.grid().times, forward=False,
+                      on_step=on_step)
     times = solution.record.times
     carry, nfe = (solution.state, solution.aux), 0
     n_steps = len(times) - 1
@@ -119,17 +135,21 @@ def invert(solver: Solver, solution: Solution, steps: FixedGrid | AdaptiveSteps 
         except NonFiniteError as err:
             raise _step_error(err, n, t0, t1) from None
         nfe += k
+        if on_step is not None:
+            on_step((n_steps - n) / n_steps)
     return Solution(carry[0], carry[1], StepRecord(times[::-1], nfe, n_steps, 0))
 
 
-def _solve_fixed(solver: Solver, carry, times: tuple[float, ...]) -> Solution:
-    nfe = 0
+def _solve_fixed(solver: Solver, carry, times: tuple[float, ...], on_step: Progress | None) -> Solution:
+    nfe, n_steps = 0, len(times) - 1
     for n, (t0, t1) in enumerate(zip(times, times[1:])):
         try:
             carry, k = solver.step(t0, t1, carry)
         except NonFiniteError as err:
             raise _step_error(err, n, t0, t1) from None
         nfe += k
+        if on_step is not None:
+            on_step((n + 1) / n_steps)
     return Solution(carry[0], carry[1], StepRecord(tuple(times), nfe, len(times) - 1, 0))
 
 
@@ -207,7 +227,7 @@ def _attempt(solver: Solver, ctl: AdaptiveSteps, t, t_next, carry, first_stage):
     return inc, x1, back, err, nfe
 
 
-def _solve_adaptive(solver: Solver, state: State, ctl: AdaptiveSteps) -> Solution:
+def _solve_adaptive(solver: Solver, state: State, ctl: AdaptiveSteps, on_step: Progress | None) -> Solution:
     psi = solver.psi
     co = psi.coords
     q = _check_adaptive(solver, state, ctl)
@@ -254,6 +274,8 @@ def _solve_adaptive(solver: Solver, state: State, ctl: AdaptiveSteps) -> Solutio
                 first_stage = inc.last_stage if solver.uses_fsal else None
                 h = h_used * ctl.accept_factor(err, prev_err, q, after_reject)
                 prev_err, after_reject, t = max(err, 1e-4), False, t_next
+                if on_step is not None:
+                    on_step(1.0 if t == t_end else min(abs(float(co.varsigma(t)) - s_start) / span, 1.0))
             else:
                 rejected += 1
                 first_stage = inc.first_stage
@@ -264,16 +286,17 @@ def _solve_adaptive(solver: Solver, state: State, ctl: AdaptiveSteps) -> Solutio
     return Solution(carry[0], carry[1], StepRecord(tuple(times), nfe, accepted, rejected))
 
 
-def _solve_adaptive_per_sample(solver: Solver, state: State, ctl: AdaptiveSteps) -> Solution:
+def _solve_adaptive_per_sample(solver: Solver, state: State, ctl: AdaptiveSteps,
+                               on_step: Progress | None) -> Solution:
     """Every sample with its own step size, error ratio, controller memory and accepted grid (module doc)."""
     psi = solver.psi
     co = psi.coords
     q = _check_adaptive(solver, state, ctl)
     B, like = state[0].shape[0], state[0]
     t0, t_end = float(ctl.t0), float(ctl.t1)
-    s_end = float(co.varsigma(t_end))
-    span = abs(s_end - float(co.varsigma(t0)))
-    direction = math.copysign(1.0, s_end - float(co.varsigma(t0)))
+    s_end, s_start = float(co.varsigma(t_end)), float(co.varsigma(t0))
+    span = abs(s_end - s_start)
+    direction = math.copysign(1.0, s_end - s_start)
     t_dir = math.copysign(1.0, t_end - t0)
     nfe = [0] * B
     try:
@@ -351,13 +374,19 @@ def _solve_adaptive_per_sample(solver: Solver, state: State, ctl: AdaptiveSteps)
             if t[b] != t_end:
                 still.append(b)
         active = still
+        if on_step is not None and any(okl):
+            running = _times([t[b] for b in active], like)
+            covered = ((co.varsigma(running) - s_start).abs() / span).clamp(max=1.0).sum() if active else 0.0
+            on_step((B - len(active) + float(covered)) / B)
     records = tuple(StepRecord(tuple(times[b]), nfe[b], accepted[b], rejected[b]) for b in range(B))
     return Solution(carry[0], carry[1], SampleRecords(records))
 
 
-def _march(solver: Solver, carry, grids: tuple[tuple[float, ...], ...], forward: bool) -> Solution:
+def _march(solver: Solver, carry, grids: tuple[tuple[float, ...], ...], forward: bool,
+           on_step: Progress | None = None) -> Solution:
     """Steps over per-sample grids, the samples with steps left batched together: ``forward`` with
-    ``solver.step`` from each grid's start, else Rex's closed-form ``backward`` from each grid's end."""
+    ``solver.step`` from each grid's start, else Rex's closed-form ``backward`` from each grid's end;
+    ``on_step`` gets the mean over the samples of their share of steps done."""
     like = carry[0][0]
     B = like.shape[0]
     carry = (tuple(c.clone() for c in carry[0]), None if carry[1] is None else tuple(c.clone() for c in carry[1]))
@@ -386,12 +415,11 @@ def _march(solver: Solver, carry, grids: tuple[tuple[float, ...], ...], forward:
         for b in active:
             nfe[b] += k
         n += 1
+        if on_step is not None:
+            on_step(sum(min(n, m) / m if m else 1.0 for m in n_steps) / B)
     out = grids if forward else tuple(g[::-1] for g in grids)
     records = tuple(StepRecord(tuple(g), nfe[b], n_steps[b], 0) for b, g in enumerate(out))
     return Solution(carry[0], carry[1], SampleRecords(records))
-
-
-BASELINE_NAMES = ("euler", "midpoint", "heun", "rk4", "bosh3", "dopri5")
 
 
 def make_solver(
