@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 SUBCOMMANDS: dict[str, str] = {
     "md": "generate molecular-dynamics data with OpenMM (resumable)",
