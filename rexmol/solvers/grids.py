@@ -53,44 +53,35 @@ class FixedGrid:
         return cls([t0] + [t0 + (t1 - t0) * i / n for i in range(1, n)] + [t1])
 
     @classmethod
-    def uniform_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
-        """``steps`` equal steps in varsigma(t) of ``coords`` (ends exactly t0, t1)."""
+    def _uniform_in(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int, name: str,
+                    forward=lambda s: s, inverse=lambda u: u, lower: float | None = None) -> "FixedGrid":
+        """``steps`` equal steps in u = forward(varsigma(t)) of ``coords`` (ends exactly t0, t1); varsigma must
+        exceed ``lower`` at both ends when given (the domain of ``forward``)."""
         n = _check_steps(steps)
         coords.check_time(t0)
         coords.check_time(t1)
         s0, s1 = float(coords.varsigma(float(t0))), float(coords.varsigma(float(t1)))
-        inner = [float(coords.t_of_varsigma(s0 + (s1 - s0) * i / n)) for i in range(1, n)]
+        if lower is not None and (s0 <= lower or s1 <= lower):
+            raise ValueError(f"{name} grid needs varsigma > {lower:g} at both ends (got {s0} at t={t0}, {s1} at "
+                             f"t={t1}); clip the end, e.g. start at t = 1e-3 instead of 0")
+        u0, u1 = forward(s0), forward(s1)
+        inner = [float(coords.t_of_varsigma(inverse(u0 + (u1 - u0) * i / n))) for i in range(1, n)]
         return cls([float(t0)] + inner + [float(t1)])
+
+    @classmethod
+    def uniform_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
+        """``steps`` equal steps in varsigma(t) of ``coords`` (ends exactly t0, t1)."""
+        return cls._uniform_in(coords, t0, t1, steps, "varsigma")
 
     @classmethod
     def uniform_log_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
         """``steps`` equal steps in log varsigma between clipped ends (varsigma must be > 0 at both)."""
-        n = _check_steps(steps)
-        coords.check_time(t0)
-        coords.check_time(t1)
-        s0, s1 = float(coords.varsigma(float(t0))), float(coords.varsigma(float(t1)))
-        if s0 <= 0 or s1 <= 0:
-            raise ValueError(
-                f"log-varsigma grid needs varsigma > 0 at both ends (got {s0} at t={t0}, {s1} at t={t1}); "
-                "clip the end, e.g. start at t = 1e-3 instead of 0"
-            )
-        l0, l1 = math.log(s0), math.log(s1)
-        inner = [float(coords.t_of_varsigma(math.exp(l0 + (l1 - l0) * i / n))) for i in range(1, n)]
-        return cls([float(t0)] + inner + [float(t1)])
-
+        return cls._uniform_in(coords, t0, t1, steps, "log-varsigma", math.log, math.exp, lower=0.0)
 
     @classmethod
     def uniform_log1p_varsigma(cls, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
         """``steps`` equal steps in log(1 + varsigma) (varsigma must be > -1 at both ends; ends exactly t0, t1)."""
-        n = _check_steps(steps)
-        coords.check_time(t0)
-        coords.check_time(t1)
-        s0, s1 = float(coords.varsigma(float(t0))), float(coords.varsigma(float(t1)))
-        if s0 <= -1 or s1 <= -1:
-            raise ValueError(f"log1p-varsigma grid needs varsigma > -1 at both ends (got {s0}, {s1})")
-        l0, l1 = math.log1p(s0), math.log1p(s1)
-        inner = [float(coords.t_of_varsigma(math.expm1(l0 + (l1 - l0) * i / n))) for i in range(1, n)]
-        return cls([float(t0)] + inner + [float(t1)])
+        return cls._uniform_in(coords, t0, t1, steps, "log1p-varsigma", math.log1p, math.expm1, lower=-1.0)
 
     @classmethod
     def named(cls, kind: str, coords: LawsonCoordinates, t0: float, t1: float, steps: int) -> "FixedGrid":
