@@ -20,18 +20,6 @@ import pytest
 
 from rexmol.cli import main
 from rexmol.md import MDConfig, Replica, run_md, run_replica
-from rexmol.systems import load_system
-
-
-@pytest.fixture(scope="module")
-def quick_ala3(tmp_path_factory) -> Path:
-    system = load_system("ala3")
-    folder = tmp_path_factory.mktemp("systems") / "ala3"
-    folder.mkdir()
-    shutil.copyfile(system.pdb_path, folder / "topology.pdb")
-    text = (system.folder / "spec.toml").read_text()
-    (folder / "spec.toml").write_text(re.sub(r"(?m)^equilibration_ps\s*=.*$", "equilibration_ps = 1.0", text))
-    return folder
 
 
 def _config(system: Path, replicas: int = 1, ns: float = 0.003) -> MDConfig:
