@@ -272,6 +272,22 @@ def _legend_outside(ax) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
 
 
+def _annotate_panel(ax, title: str, ylabel: str, words: str) -> None:
+    """Title, y label, a note in words under the axis and the legend outside the data."""
+    ax.set_title(_wrap_label(title, 90), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.text(0.0, -0.32, _wrap_label(words, 100), transform=ax.transAxes, fontsize=7, va="top")
+    _legend_outside(ax)
+
+
+def _save_panels(plt, fig, axes, xlabel: str, path) -> None:
+    """x label on the bottom panel, then write ``path`` and close the figure."""
+    axes[-1].set_xlabel(xlabel)
+    fig.tight_layout(h_pad=2.5)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _panels(plt, n: int, width: float = 6.0, height: float = 2.6):
     fig, axes = plt.subplots(n, 1, figsize=(width, height * n + 0.4), squeeze=False)
     return fig, list(axes[:, 0])
@@ -311,14 +327,8 @@ def plot_energy_histograms(path, e_md: np.ndarray, runs: list[tuple[str, np.ndar
         mass_out = float(w[finite & ~inside].sum())
         words = (f"Not drawn: {above} proposal sample(s) above {hi:.0f} kT and {below} below {lo:.0f} kT "
                  f"(reweighted weight {mass_out:.2g} there); {int((~finite).sum())} non-finite (weight 0).")
-        ax.set_title(_wrap_label(title, 90), fontsize=8)
-        ax.set_ylabel("density")
-        ax.text(0.0, -0.32, _wrap_label(words, 100), transform=ax.transAxes, fontsize=7, va="top")
-        _legend_outside(ax)
-    axes[-1].set_xlabel("energy (kT)")
-    fig.tight_layout(h_pad=2.5)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+        _annotate_panel(ax, title, "density", words)
+    _save_panels(plt, fig, axes, "energy (kT)", path)
 
 
 def plot_log_weights(path, runs: list[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
@@ -341,14 +351,8 @@ def plot_log_weights(path, runs: list[tuple[str, np.ndarray, np.ndarray | None]]
                     label=[f"used ({int((ok & ~clipped).sum())})", f"dropped by --clip-logw ({int(clipped.sum())})"])
             if (ok & ~shown).any():
                 words += f" {int((ok & ~shown).sum())} more than {-lo:.3g} below the max (the lowest 1 %): not drawn."
-        ax.set_title(_wrap_label(title, 90), fontsize=8)
-        ax.set_ylabel("count")
-        ax.text(0.0, -0.32, _wrap_label(words, 100), transform=ax.transAxes, fontsize=7, va="top")
-        _legend_outside(ax)
-    axes[-1].set_xlabel("log w - max log w")
-    fig.tight_layout(h_pad=2.5)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+        _annotate_panel(ax, title, "count", words)
+    _save_panels(plt, fig, axes, "log w - max log w", path)
 
 
 def plot_roundtrip(path, runs: list[tuple[str, np.ndarray]]) -> None:
