@@ -237,6 +237,7 @@ def _solve_adaptive(solver: Solver, state: State, ctl: AdaptiveSteps, on_step: P
     span = abs(s_end - s_start)
     direction = math.copysign(1.0, s_end - s_start)
     t_dir = math.copysign(1.0, t_end - t0)
+    tmax = ctl.step_limit()
     nfe = 0
     try:
         if ctl.first_step is None:
@@ -254,12 +255,11 @@ def _solve_adaptive(solver: Solver, state: State, ctl: AdaptiveSteps, on_step: P
         if accepted + rejected >= ctl.max_steps:
             raise ValueError(f"adaptive solve took more than max_steps={ctl.max_steps} steps, stopped at t={t!r}")
         s = float(co.varsigma(t))
-        if h >= abs(s_end - s):
+        t_next = t_end if h >= abs(s_end - s) else float(co.t_of_varsigma(s + direction * h))
+        if abs(t_next - t) > tmax:  # the step limit (in t)
+            t_next = t + t_dir * tmax
+        if (t_next - t_end) * t_dir >= 0:
             t_next = t_end
-        else:
-            t_next = float(co.t_of_varsigma(s + direction * h))
-            if (t_next - t_end) * t_dir >= 0:
-                t_next = t_end
         if (t_next - t) * t_dir <= 0:
             raise ValueError(f"adaptive step size underflow at t={t!r} (step {h!r} in varsigma)")
         try:
@@ -298,6 +298,7 @@ def _solve_adaptive_per_sample(solver: Solver, state: State, ctl: AdaptiveSteps,
     span = abs(s_end - s_start)
     direction = math.copysign(1.0, s_end - s_start)
     t_dir = math.copysign(1.0, t_end - t0)
+    tmax = ctl.step_limit()
     nfe = [0] * B
     try:
         if ctl.first_step is None:
@@ -325,8 +326,9 @@ def _solve_adaptive_per_sample(solver: Solver, state: State, ctl: AdaptiveSteps,
         sa = co.varsigma(ta)
         ha = _times([h[b] for b in active], like)
         tn = co.t_of_varsigma(sa + direction * ha)
-        last = (ha >= (s_end - sa).abs()) | ((tn - t_end) * t_dir >= 0)
-        tn = torch.where(last, torch.full_like(tn, t_end), tn)
+        tn = torch.where(ha >= (s_end - sa).abs(), torch.full_like(tn, t_end), tn)
+        tn = torch.where((tn - ta).abs() > tmax, ta + t_dir * tmax, tn)  # the step limit (in t)
+        tn = torch.where((tn - t_end) * t_dir >= 0, torch.full_like(tn, t_end), tn)
         if bool(((tn - ta) * t_dir <= 0).any()):
             b = active[int(((tn - ta) * t_dir <= 0).nonzero()[0])]
             raise ValueError(f"adaptive step size underflow at t={t[b]!r} (step {h[b]!r} in varsigma, sample {b})")
