@@ -11,12 +11,17 @@ divides by a plain forward timed in the same process just before and after (best
 
 Model: ``--ckpt`` (default data/ala3/model/generator.pt when present), else the 'small' AtomDiT for ala3 with
 random weights (same cost); ``--model hollow``: the 'small' Cartesian mean-free HollowTransformer for ala3 with
-random weights, where the ``structured`` task (velocity and exact divergence in one call) applies. Directions are
-taken in the mean-free basis (k = 96), as the sampler does. ``--json OUT`` (same as ``--out``) also records per
-task the ms per sample, the ratio to a plain forward and the max |difference| of its trace to the vjp-loop trace:
+random weights, or the hollow generator ``--ckpt`` (e.g. data/ala3/model_ic/generator.pt), where the
+``structured`` task (velocity and exact divergence in one call) applies. Directions are taken in the basis of the
+generator's prior (mean-free: k = 96; internal coordinates: k = 93), as the sampler does. ``--json OUT`` (same as
+``--out``) also records per task the ms per sample, the ratio to a plain forward and the max |difference| of its
+trace to the vjp-loop trace:
 
     .venv/bin/python evaluation/trace_benchmark.py --model hollow --batch 256 --dtype float64 \
         --tasks forward structured vjp-loop auto --json evaluation/results/trace_hollow_b256_float64.json
+    .venv/bin/python evaluation/trace_benchmark.py --model hollow --ckpt data/ala3/model_ic/generator.pt \
+        --batch 64 --tasks forward structured --repeats 5 \
+        --json evaluation/results/issue14_hollow_speed/trace_ic_b64_float32.json
 """
 from __future__ import annotations
 
@@ -41,7 +46,15 @@ def build(ckpt: str | None, dtype_name: str, kind: str = "dit"):
     from rexmol.likelihood.priors import MeanFreeGaussian
 
     dtype = getattr(torch, dtype_name)
-    if kind == "hollow":
+    if ckpt:
+        from rexmol.models.checkpoint import load_generator
+
+        gen = load_generator(ckpt)
+        model, prior, source = gen.model, gen.prior, f"checkpoint {ckpt}"
+        if (kind == "hollow") != hasattr(model, "velocity_and_divergence"):
+            other = "dit" if kind == "hollow" else "hollow"
+            raise ValueError(f"{ckpt} holds a {type(model).__name__}; pass --model {other}")
+    elif kind == "hollow":
         from rexmol.models.hollow import HollowConfig, HollowTransformer
         from rexmol.systems import load_system
 
@@ -54,10 +67,6 @@ def build(ckpt: str | None, dtype_name: str, kind: str = "dit"):
             for p in model.parameters():
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
         source = "HollowTransformer small (Cartesian, mean-free), random weights"
-    elif ckpt:
-        from rexmol.models.checkpoint import load_generator
-
-        model, source = load_generator(ckpt).model, f"checkpoint {ckpt}"
     else:
         from rexmol.models.dit import AtomDiT, DiTConfig
         from rexmol.systems import load_system
@@ -71,8 +80,7 @@ def build(ckpt: str | None, dtype_name: str, kind: str = "dit"):
     model = model.to(dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    prior = MeanFreeGaussian(model.n_atoms)
-    return model, prior, dtype, source
+    return model, (prior if ckpt else MeanFreeGaussian(model.n_atoms)), dtype, source
 
 
 def rss_mib() -> float:
@@ -85,7 +93,7 @@ def worker(task: str, args: argparse.Namespace) -> dict:
     from rexmol.likelihood.divergence import ExactTrace, Hutchinson, detached
 
     torch.set_num_threads(args.threads)
-    model, prior, dtype, source = build(None if args.model == "hollow" else args.ckpt, args.dtype, args.model)
+    model, prior, dtype, source = build(args.ckpt, args.dtype, args.model)
     g = torch.Generator().manual_seed(1)
     x = prior.sample(args.batch, generator=g, dtype=dtype)
     t = torch.full((args.batch,), 0.5, dtype=dtype)
@@ -135,6 +143,7 @@ def worker(task: str, args: argparse.Namespace) -> dict:
             "local_forward_seconds": fwd, "forwards_per_eval": min(times) / (sum(fwd) / len(fwd)),
             "chosen": sorted(set(et.choices.values())) or None,
             "probe_seconds": [v for v in et.probe_seconds.values()] or None, "chunk": chunk, "model": source,
+            "support_dim": prior.dim,
             "trace": result[1].double().tolist() if task in TRACE_TASKS else None}
 
 
@@ -159,12 +168,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per task (minimum reported)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-budget", type=int, default=2 << 30, help="bytes (ExactTrace chunking)")
-    parser.add_argument("--ckpt", default=str(DEFAULT_CKPT) if DEFAULT_CKPT.is_file() else None)
+    parser.add_argument("--ckpt", default=None, help=f"generator (dit default: {DEFAULT_CKPT} when present; hollow "
+                        "default: random weights)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--model", choices=["dit", "hollow"], default="dit", help="network (hollow: random 'small')")
     parser.add_argument("--out", "--json", dest="out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--worker", choices=TASKS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ckpt is None and args.model == "dit" and DEFAULT_CKPT.is_file():
+        args.ckpt = str(DEFAULT_CKPT)
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return 0
@@ -180,7 +192,7 @@ def main() -> int:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps({key: v for key, v in rows[-1].items() if key != "trace"}), file=sys.stderr, flush=True)
-    k = 96
+    k = next((r["support_dim"] for r in rows if "support_dim" in r), None)
     add_comparisons(rows, args.batch)
     print(f"batch {args.batch}, {args.dtype}, {args.threads} thread(s), model: {rows[0].get('model')}")
     print(f"{'task':14s} {'CPU s/eval':>9s} {'ms/sample':>10s} {'x forward':>10s} {'fwd/dir':>8s} {'peak MiB':>9s} "

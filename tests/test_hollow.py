@@ -13,6 +13,8 @@ from rexmol.likelihood.divergence import ExactTrace, structured_incompatibility
 from rexmol.likelihood.flow import LogQOptions, roundtrip_certificate, sample_with_logq
 from rexmol.likelihood.priors import MaskedGaussian, MeanFreeGaussian
 from rexmol.mddata import load_frames
+from rexmol.models import hollow
+from rexmol.models.checkpoint import load_generator
 from rexmol.models.hollow import HollowConfig, HollowTransformer
 from rexmol.models.precision import CastModel
 from rexmol.solvers import AdaptiveSteps, FixedGrid
@@ -87,6 +89,49 @@ def test_structured_equals_vjp_loop(system, zmatrix, md_frames, kind, source):
         assert torch.equal(v, ref_v)
         assert (div - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max().item()), (t, div, ref)
         assert ref.abs().min() > 1e-3  # a non-trivial Jacobian
+
+
+def reference(model: HollowTransformer, x: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, monkeypatch):
+    """(v, div) of the definition: every block run by ``Block.forward`` (what checkpoints were trained with) and the
+    divergence by the vjp-loop exact trace (one reverse pass per basis direction)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(hollow, "run_block", lambda blk, h, c, bias: blk(h, c, bias))
+        return ExactTrace("vjp-loop")(model, x, t, basis)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["ic", "cartesian"])
+def test_fast_blocks_reproduce_dit_blocks(system, zmatrix, md_frames, kind, monkeypatch):
+    model = build(system, zmatrix, kind)
+    x, U = inputs(model, "md", md_frames), basis_of(model)
+    t = torch.tensor(TIMES, dtype=DT)
+    v, div = model.velocity_and_divergence(x, t)
+    v_ref, div_ref = reference(model, x, t, U, monkeypatch)
+    assert relative(v, v_ref) <= 1e-12 and relative(div, div_ref) <= 1e-12
+
+
+SHIPPED_IC = DATA / "model_ic" / "generator.pt"
+
+
+@pytest.mark.skipif(not SHIPPED_IC.is_file(), reason="needs the shipped internal-coordinate generator")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_shipped_generator_computes_its_trained_function(dtype, tol, monkeypatch):
+    """The optimised blocks and the closed-form divergence give the shipped weights' function (float64 to
+    round-off, float32 to 1e-5 relative) on prior draws and on encoded MD frames."""
+    gen = load_generator(SHIPPED_IC)
+    model = gen.model.to(dtype).eval()
+    frames = load_frames(DATA, "test", max_frames=3).astype(np.float64)
+    prior = gen.prior.sample(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = torch.cat([gen.space.encode(torch.as_tensor(frames)), prior]).to(dtype)
+    t = torch.tensor([0.01, 0.5, 0.99, 0.0, 0.3, 0.999], dtype=dtype)
+    U = torch.eye(3 * model.n_atoms, dtype=dtype)[:, model.mask.reshape(-1)]
+    with torch.no_grad():
+        v, div = model.velocity_and_divergence(x, t)
+    v_ref, div_ref = reference(model, x, t, U, monkeypatch)
+    assert relative(v, v_ref) <= tol and relative(div, div_ref) <= tol, (relative(v, v_ref), relative(div, div_ref))
 
 
 def test_outputs_respect_mask_and_centroid(system, zmatrix):

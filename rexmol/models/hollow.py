@@ -3,8 +3,8 @@
 Why: the exact trace of a generic network takes one reverse pass per coordinate (3N of them), which makes exact
 log q cost ~100 forwards per step. If the velocity of token i (an atom's three values) is
 f_i(x) = tau_i(x_i, h_i, t) with a *conditioner* h_i that does not depend on x_i, then d f_i/d x_i is
-d tau_i/d x_i at fixed h_i, and div f = sum_i tr(d tau_i/d x_i): one forward for h plus three forward-mode
-products through the small per-token MLP tau (HollowNet, Chen & Duvenaud 2019; docs/design.md §8).
+d tau_i/d x_i at fixed h_i, and div f = sum_i tr(d tau_i/d x_i): one forward for h plus the Jacobian diagonal of
+the small per-token MLP tau, in closed form (HollowNet, Chen & Duvenaud 2019; docs/design.md §8).
 
 Construction (tokens in the placement ``order``; position p holds atom o[p]):
 
@@ -41,13 +41,13 @@ Calls are pure (no in-place ops on inputs, no value-dependent branches): they wo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vmap
 
 from rexmol.models.dit import FEATURE_NAMES, Block, graph_distances, modulate, timestep_embedding
 
@@ -109,20 +109,36 @@ def reference_atoms(hops: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 class Stream(nn.Module):
-    """``depth`` DiT blocks with one additive bias per block (hop table plus the stream's attention mask)."""
+    """``depth`` DiT blocks with one additive bias per block (hop table plus the stream's attention mask).
+
+    Parameters only: :meth:`HollowTransformer._conditioner` runs the blocks through :func:`run_block`."""
 
     def __init__(self, config: HollowConfig):
         super().__init__()
         self.blocks = nn.ModuleList(Block(config.hidden, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.hop_bias = nn.Parameter(torch.zeros(config.max_hops + 1, config.depth, config.heads))
 
-    def forward(self, h: Tensor, c: Tensor, hops: Tensor, allowed: Tensor) -> Tensor:
-        """``h`` [B, N, D], ``c`` [B, D], ``hops`` [N, N] (positions), ``allowed`` [N, N] bool -> [B, N, D]."""
-        block_mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, float("-inf"))
-        bias = self.hop_bias[hops].permute(2, 3, 0, 1) + block_mask  # [depth, H, N, N]
-        for k, block in enumerate(self.blocks):
-            h = block(h, c, bias[k][None])
-        return h
+    def bias(self, hops: Tensor, allowed: Tensor) -> Tensor:
+        """[depth, H, N, N] additive attention bias: the hop table at ``hops`` [N, N], -inf where not ``allowed``."""
+        block_mask = torch.zeros(allowed.shape, dtype=self.hop_bias.dtype, device=allowed.device)
+        return self.hop_bias[hops].permute(2, 3, 0, 1) + block_mask.masked_fill(~allowed, float("-inf"))
+
+
+def run_block(blk: Block, h: Tensor, c: Tensor, bias: Tensor) -> Tensor:
+    """``blk(h, c, bias)`` (:class:`rexmol.models.dit.Block`) with fewer passes over memory: the attention scale
+    folded into the query weights, one copy for q, k and v, fused multiply-adds for the adaLN modulation and the
+    gated residuals. ``h`` [B, N, D], ``c`` [B, D], ``bias`` [1, H, N, N]; equal to the block up to round-off."""
+    b, n, d = h.shape
+    heads = blk.heads
+    dh = d // heads
+    shift1, scale1, gate1, shift2, scale2, gate2 = blk.ada(c)[:, None].chunk(6, dim=-1)  # [B, 1, D]
+    q_scale = torch.cat([h.new_full((d,), 1.0 / math.sqrt(dh)), h.new_ones(2 * d)])
+    x = torch.addcmul(shift1, blk.norm1(h), 1.0 + scale1)
+    qkv = nn.functional.linear(x, blk.qkv.weight * q_scale[:, None], blk.qkv.bias * q_scale)
+    q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, dh]
+    attn = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
+    h = torch.addcmul(h, gate1, blk.proj(attn))
+    return torch.addcmul(h, gate2, blk.mlp(torch.addcmul(shift2, blk.norm2(h), 1.0 + scale2)))
 
 
 class HollowTransformer(nn.Module):
@@ -241,16 +257,33 @@ class HollowTransformer(nn.Module):
         topo = sum(getattr(self, f"emb_{name}")(getattr(self, f"feat_{name}")) for name in FEATURE_NAMES)[None]
         ltr_in, rtl_in, bridge = self._stream_inputs(xp)
         causal = self.causal if self.config.hollow else torch.ones_like(self.causal)
-        a = self.ltr(topo + self.ltr_embed(ltr_in), c, self.hops, causal)
-        b = self.rtl(topo + self.rtl_embed(rtl_in), c, self.hops, causal.T)
+        streams = []
+        for stream, embedded, allowed in ((self.ltr, self.ltr_embed(ltr_in), causal),
+                                          (self.rtl, self.rtl_embed(rtl_in), causal.T)):
+            h, bias = topo + embedded, stream.bias(self.hops, allowed)
+            for k, blk in enumerate(stream.blocks):
+                h = run_block(blk, h, c, bias[k][None])
+            streams.append(h)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        h = modulate(self.final_norm(a + b + self.bridge_embed(bridge)), shift, scale)
+        h = modulate(self.final_norm(streams[0] + streams[1] + self.bridge_embed(bridge)), shift, scale)
         return h, self.tau_film(h)
 
-    def _tau(self, u: Tensor, h: Tensor, film: Tensor) -> Tensor:
-        """Per-token MLP of the own values ``u`` [B, N, 3] given the conditioner -> [B, N, 3] (by position)."""
+    def _tau_preactivation(self, u: Tensor, film: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, g) [B, N, W]: tau's hidden pre-activation a = tau_in(u) * g + b and its FiLM gain g = 1 + s."""
         s, b = film.chunk(2, dim=-1)
-        return self.head(h) + self.tau_out(nn.functional.silu(self.tau_in(u) * (1.0 + s) + b))
+        gain = 1.0 + s
+        return torch.addcmul(b, self.tau_in(u), gain), gain
+
+    def _tau(self, a: Tensor, h: Tensor) -> Tensor:
+        """tau [B, N, 3] by position from its pre-activation ``a`` and the conditioner ``h``."""
+        return self.head(h) + self.tau_out(nn.functional.silu(a))
+
+    def _tau_diagonal(self, a: Tensor, gain: Tensor) -> Tensor:
+        """d tau_{p,c} / d u_{p,c} [B, N, 3] in closed form: sum_w W_out[c, w] silu'(a_w) g_w W_in[w, c], with
+        silu'(a) = sigma(a) (1 + a (1 - sigma(a)))."""
+        sig = torch.sigmoid(a)
+        slope = sig * torch.addcmul(torch.ones_like(a), a, 1.0 - sig)
+        return (slope * gain) @ (self.tau_out.weight.T * self.tau_in.weight)
 
     def _to_atoms(self, outp: Tensor, shape: tuple[int, ...]) -> Tensor:
         out = outp * self.mask[self.order].to(outp.dtype)
@@ -269,23 +302,17 @@ class HollowTransformer(nn.Module):
         when ``mean_free``)."""
         xp, tb, shape = self._inputs(x, t)
         h, film = self._conditioner(xp, tb)
-        return self._to_atoms(self._tau(self._own(xp), h, film), shape)
+        a, _ = self._tau_preactivation(self._own(xp), film)
+        return self._to_atoms(self._tau(a, h), shape)
 
     def velocity_and_divergence(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         """(v like ``x``, div [B]): the exact divergence over the valid slots (mean-free: on the centred
-        subspace), from one conditioner pass and three forward-mode products through tau."""
+        subspace), from one conditioner pass and the closed-form Jacobian diagonal of tau (the velocity is
+        bitwise the one :meth:`forward` returns)."""
         if not self.config.hollow:
             raise TypeError("the non-hollow twin (HollowConfig.hollow=False) has no structured divergence")
         xp, tb, shape = self._inputs(x, t)
         h, film = self._conditioner(xp, tb)
-        u = self._own(xp)
-        eye = torch.eye(3, dtype=u.dtype, device=u.device)
-
-        def column(e: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(lambda z: self._tau(z, h, film), (u,), (e.expand_as(u),))
-
-        outs, cols = vmap(column)(eye)  # [3 (input axis c), B, N, 3]; out_dims 0 so it nests under vmap
-        outp = outs[0]
-        diag = torch.diagonal(cols, dim1=0, dim2=3)  # [B, N, 3]: d tau_{p,c} / d u_{p,c}
-        div = (diag * self.mask[self.order].to(diag.dtype)).sum(dim=(1, 2))
-        return self._to_atoms(outp, shape), div
+        a, gain = self._tau_preactivation(self._own(xp), film)
+        div = (self._tau_diagonal(a, gain) * self.mask[self.order].to(a.dtype)).sum(dim=(1, 2))
+        return self._to_atoms(self._tau(a, h), shape), div
