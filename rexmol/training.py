@@ -558,7 +558,7 @@ class SampleEnergies(Callback):
 class ValidationESS(Callback):
     """The validation figure that tracks the goal: exact-log-q ESS and reweighted E-W2 of the EMA model.
 
-    Every ``every_n`` validations: ``n_samples`` fixed prior draws (``seed``) through ``solver`` on ``steps``
+    Every ``every_n`` validations (counted from the global step, so resumed runs keep the same steps): ``n_samples`` fixed prior draws (``seed``) through ``solver`` on ``steps``
     fixed steps uniform in t on [0, ``t1``] with the exact divergence (``trace_method`` "auto": the structured
     trace of a hollow network, else the fastest exact method), decoded to nm with log q_nm = log q_model -
     log|det|; OpenMM energies (kT) give log w = -E - log q_nm. Logs ``val/ess`` (Kish ESS / N),
@@ -576,7 +576,6 @@ class ValidationESS(Callback):
         self.n_samples, self.solver, self.steps, self.t1, self.seed = n_samples, solver, steps, t1, seed
         self.n_reference, self.trace_method, self.every_n = n_reference, trace_method, every_n
         self._reference: np.ndarray | None = None
-        self._count = 0
 
     def _reference_energies(self, trainer: L.Trainer, module: FlowMatching) -> np.ndarray:
         from rexmol.energy import evaluate
@@ -622,8 +621,9 @@ class ValidationESS(Callback):
     def on_validation_end(self, trainer: L.Trainer, module: FlowMatching) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or module.space is None:
             return
-        self._count += 1
-        if (self._count - 1) % self.every_n:
+        # Counted from the global step (not from calls) so that a resumed run measures at the same steps.
+        interval = max(1, int(getattr(trainer, "val_check_batch", 1) or 1))
+        if (max(1, trainer.global_step // interval) - 1) % self.every_n:
             return
         start = time.process_time()
         metrics = self.measure(trainer, module)
