@@ -355,6 +355,7 @@ class ExportGenerator(Callback):
         self.filename, self.monitor, self.mode, self.last_filename = filename, monitor, mode, last_filename
         self.best: float | None = None
         self.best_step: int | None = None
+        self._log_dir: Path | None = None
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         """The export folder: ``dirpath``, by default ``<trainer.default_root_dir>/model`` (the run's own folder,
@@ -363,6 +364,7 @@ class ExportGenerator(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self.resolve_dir(trainer)
+        self._log_dir = _log_dir(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "monitor": self.monitor}
@@ -401,10 +403,9 @@ class ExportGenerator(Callback):
         resume = _resume_command(trainer)
         if resume is not None:
             (self.dirpath / "resume_command.txt").write_text(resume + "\n")
-        log_dir = Path(trainer.log_dir) if trainer.log_dir else None
         for name in ("config.yaml", "metrics.csv"):
-            if log_dir is not None and (log_dir / name).is_file():
-                shutil.copyfile(log_dir / name, self.dirpath / name)
+            if self._log_dir is not None and (self._log_dir / name).is_file():
+                shutil.copyfile(self._log_dir / name, self.dirpath / name)
 
     def on_validation_end(self, trainer: L.Trainer, module: FlowMatching) -> None:
         if trainer.logger is not None:
@@ -415,6 +416,12 @@ class ExportGenerator(Callback):
         if trainer.logger is not None:
             trainer.logger.save()
         self._export(trainer, module)
+
+
+def _log_dir(trainer: L.Trainer) -> Path | None:
+    """The logger's folder, read in ``setup`` on every rank: ``trainer.log_dir`` is a collective under DDP
+    (a broadcast from rank 0), so calling it from a rank-0-only hook leaves rank 0 waiting for ever."""
+    return Path(trainer.log_dir) if trainer.log_dir else None
 
 
 def _resume_command(trainer: L.Trainer) -> str | None:
@@ -441,13 +448,17 @@ class LossCurve(Callback):
 
     def __init__(self, path: str):
         self.path = Path(path)
+        self._log_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._log_dir = _log_dir(trainer)
 
     def _plot(self, trainer: L.Trainer) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.log_dir:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._log_dir is None:
             return
         if trainer.logger is not None:
             trainer.logger.save()
-        csv = Path(trainer.log_dir) / "metrics.csv"
+        csv = self._log_dir / "metrics.csv"
         if csv.is_file():
             plot_loss_curve(csv, self.path)
 
