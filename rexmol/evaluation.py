@@ -168,6 +168,8 @@ def _steps_label(desc: dict[str, Any]) -> str:
             parts.append(f"grid {desc['grid']}")
     elif desc.get("rtol") is not None:
         parts = [f"rtol={desc['rtol']:g}", f"atol={desc['atol']:g}"]
+        if desc.get("logq_atol") is not None:
+            parts.append(f"log q atol={desc['logq_atol']:g}")
         parts += [f"{name} {desc[key]}" for key, name in (("error_norm", "error norm"), ("step_control", "step control"))
                   if desc.get(key) is not None]
     else:

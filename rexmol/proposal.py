@@ -76,6 +76,7 @@ class ProposalSpec:
     model_dtype: str | None = None
     grid: str = "t"
     error_norm: str = "x+logq"
+    logq_atol: float | None = None
     step_control: str = "per-sample"
 
     def __post_init__(self) -> None:
@@ -88,8 +89,8 @@ class ProposalSpec:
             raise ValueError(f"need 0 <= t0 < t1 <= 1, got t0={self.t0}, t1={self.t1}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
-            if not (math.isfinite(value) and value > 0):
+        for name, value in (("rtol", self.rtol), ("atol", self.atol), ("logq-atol", self.logq_atol)):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name} must be a finite number > 0, got {value}")
         if not 0.0 < self.zeta <= 1.0:
             raise ValueError(f"--zeta must be in (0, 1], got {self.zeta}")
@@ -108,11 +109,12 @@ class ProposalSpec:
     def description(self, sha256: str, model: str = "DiT") -> dict[str, Any]:
         d = {"model": model, **asdict(self), "ckpt_sha256": sha256}
         if self.steps is not None:
-            d["rtol"] = d["atol"] = d["error_norm"] = d["step_control"] = None
+            d["rtol"] = d["atol"] = d["error_norm"] = d["step_control"] = d["logq_atol"] = None
         else:
             d["grid"] = None
         if self.solver in TORCHDIFFEQ_SOLVERS:  # torchdiffeq's own controller: RMS over the batch's (x, ell)
             d["error_norm"], d["step_control"] = "x+logq (torchdiffeq RMS)", "shared (torchdiffeq)"
+            d["logq_atol"] = None
         if self.solver in TORCHDIFFEQ_SOLVERS or self.solver.rpartition("-")[0] == "":
             d["lawson"] = "velocity (t)"
         return d
@@ -212,7 +214,8 @@ class FlowProposal:
         with torch.no_grad():
             out = sample_with_logq(self.model, self.prior, x0, s.solver, self._steps(), coords=self.coords,
                                    zeta=s.zeta,
-                                   options=LogQOptions(mode=s.logq, method=s.trace_method, error_norm=s.error_norm),
+                                   options=LogQOptions(mode=s.logq, method=s.trace_method, error_norm=s.error_norm,
+                                                       logq_atol=s.logq_atol),
                                    on_step=progress_span(on_step, 0.0, half))
             cert = roundtrip_certificate(out, progress_span(on_step, half, 1.0)) if s.roundtrip else None
         logq = out.logq

@@ -97,6 +97,22 @@ def test_logq_in_the_error_norm_matters():
     assert x_only > 2 * with_logq
 
 
+def test_logq_atol_is_the_log_q_tolerance():
+    """--logq-atol sizes the steps through log q alone: None is exactly atol, a tighter one buys accuracy with
+    evaluations, a looser one the reverse (same draws, shared control as above)."""
+    common = dict(n=256, solver="rex-dopri5", lawson="velocity", rtol=1e-3, t1=T1, trace_method="vjp-loop",
+                  step_control="shared", roundtrip=False)
+    default, same = mixture_check(**common), mixture_check(logq_atol=1e-3, **common)
+    tight, loose = mixture_check(logq_atol=1e-5, **common), mixture_check(logq_atol=1e-1, **common)
+    assert default["logq_atol"] == same["logq_atol"] == 1e-3 and tight["logq_atol"] == 1e-5
+    assert default["logq_max_abs_error"] == same["logq_max_abs_error"] and default["nfe"] == same["nfe"]
+    assert tight["nfe"] > default["nfe"] > loose["nfe"]
+    assert tight["logq_max_abs_error"] < default["logq_max_abs_error"] < loose["logq_max_abs_error"]
+    assert mixture_check(error_norm="x", **common)["logq_atol"] is None
+    with pytest.raises(ValueError, match="logq-atol"):
+        LogQOptions(logq_atol=0.0)
+
+
 @pytest.mark.parametrize("lawson", ["velocity", "data"])
 def test_per_sample_results_do_not_depend_on_the_batch(lawson):
     _, x, logq, nfe, _ = mixture_samples(4096, "rex-dopri5", lawson, 1e-3)

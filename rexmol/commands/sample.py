@@ -27,6 +27,9 @@ def add_solver_options(parser: argparse.ArgumentParser) -> None:
                              "Lawson coordinates)")
     parser.add_argument("--error-norm", choices=list(ERROR_NORMS), default="x+logq",
                         help="adaptive step control over x and the integrated log q (absolute tolerance), or x only")
+    parser.add_argument("--logq-atol", type=float, default=None,
+                        help="with --error-norm x+logq: absolute tolerance of log q per step, in nats (default: "
+                             "--atol); the global log q error is about the sum over the steps")
     parser.add_argument("--step-control", choices=list(CONTROLS), default="per-sample",
                         help="per-sample: each sample its own steps (results independent of --batch-size); "
                              "shared: one grid per batch, accepted when every sample's error is within tolerance")
@@ -81,7 +84,7 @@ def proposal_spec(args: argparse.Namespace, solver: str):
                         t0=args.t0, t1=args.t1, logq=args.trace, trace_method=args.trace_method, dtype=args.dtype,
                         zeta=args.zeta, roundtrip=not args.no_roundtrip, device=args.device,
                         model_dtype=args.model_dtype, grid=args.grid, error_norm=args.error_norm,
-                        step_control=args.step_control)
+                        logq_atol=args.logq_atol, step_control=args.step_control)
 
 
 def run_gaussian(args: argparse.Namespace) -> int:
@@ -116,7 +119,7 @@ def run_mixture(args: argparse.Namespace) -> int:
     result = mixture_check(n=args.n, solver=args.solver, dtype=args.dtype, seed=args.seed, rtol=args.rtol,
                            atol=args.atol, steps=args.steps, grid=args.grid, t1=args.t1, lawson=args.lawson,
                            trace_method=args.trace_method, zeta=args.zeta, error_norm=args.error_norm,
-                           step_control=args.step_control, batch_size=args.batch_size,
+                           logq_atol=args.logq_atol, step_control=args.step_control, batch_size=args.batch_size,
                            roundtrip=not args.no_roundtrip)
     if args.json:
         print(json.dumps(result))

@@ -88,7 +88,7 @@ def mixture_check(n: int = 4096, solver: str = "rex-dopri5", dtype: str = "float
                   rtol: float = 1e-3, atol: float | None = None, steps: int | None = None, grid: str = "t",
                   t1: float = 0.999, lawson: str = "data", trace_method: str = "auto", zeta: float = 1.0,
                   error_norm: str = "x+logq", step_control: str = "per-sample", batch_size: int | None = None,
-                  roundtrip: bool = True) -> dict[str, Any]:
+                  roundtrip: bool = True, logq_atol: float | None = None) -> dict[str, Any]:
     """Sample the closed-form 3-mode mixture flow (:func:`rexmol.models.mixture.three_mode_mixture`) from N(0, I)
     and check its weights: ``ess`` (Kish, of log w = log p_t1 - log q), the SNIS estimate of the lightest mode's
     weight (test function: its responsibility at t1, whose exact mean is the mode weight) with its standard error
@@ -113,7 +113,7 @@ def mixture_check(n: int = 4096, solver: str = "rex-dopri5", dtype: str = "float
         grid_steps = FixedGrid.named(grid, solver_coords(solver, coords), 0.0, t1, steps)
     else:
         grid_steps = AdaptiveSteps(0.0, t1, rtol=rtol, atol=atol, control=step_control)
-    options = LogQOptions(mode="exact", method=trace_method, error_norm=error_norm)
+    options = LogQOptions(mode="exact", method=trace_method, error_norm=error_norm, logq_atol=logq_atol)
     xs, logqs, nfes, rts = [], [], [], []
     info: dict[str, Any] = {}
     for b0 in range(0, n, batch_size or n):
@@ -135,6 +135,7 @@ def mixture_check(n: int = 4096, solver: str = "rex-dopri5", dtype: str = "float
         "steps": steps, "grid": grid if steps is not None else None,
         "rtol": None if steps is not None else rtol, "atol": None if steps is not None else atol,
         "error_norm": error_norm if steps is None else None, "step_control": step_control if steps is None else None,
+        "logq_atol": (atol if logq_atol is None else logq_atol) if steps is None and error_norm != "x" else None,
         "batch_size": batch_size or n, "ess": kish_ess(log_w),
         "mode_weight": {"mode": mode, "estimate": float(est.mean), "stderr": float(est.stderr),
                         "truth": float(flow.weights[mode])},

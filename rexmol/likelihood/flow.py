@@ -13,6 +13,7 @@ names integrate in t (velocity coordinates of the same schedule and model output
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,9 @@ class LogQOptions:
     ``n_probes``/``noise``/``seed``: Hutchinson; ``memory_budget``: bytes for directions / tangent columns;
     ``cond_limit``: condition number above which a discrete-mode sample is flagged (default 0.01/eps);
     ``error_norm``: what adaptive step control controls where log q is integrated: "x+logq" (default; each its own
-    tolerance, see :class:`rexmol.solvers.AdaptiveSteps`) or "x" (log q rides along uncontrolled)."""
+    tolerance, see :class:`rexmol.solvers.AdaptiveSteps`) or "x" (log q rides along uncontrolled);
+    ``logq_atol``: with "x+logq", the absolute tolerance of log q per step in nats (None: the solve's atol; the
+    global log q error is about the sum over steps)."""
 
     mode: str = "exact"
     method: str = "auto"
@@ -52,12 +55,15 @@ class LogQOptions:
     memory_budget: int = 2 << 30
     cond_limit: float | None = None
     error_norm: str = "x+logq"
+    logq_atol: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in LOGQ_MODES:
             raise ValueError(f"unknown log-density mode {self.mode!r}; choose from {LOGQ_MODES}")
         if self.error_norm not in ERROR_NORMS:
             raise ValueError(f"unknown error norm {self.error_norm!r}; choose from {ERROR_NORMS}")
+        if self.logq_atol is not None and not (math.isfinite(self.logq_atol) and self.logq_atol > 0):
+            raise ValueError(f"--logq-atol must be a finite number > 0 (nats), got {self.logq_atol}")
 
     def divergence(self) -> ExactTrace | Hutchinson:
         """A fresh estimator (Hutchinson: noise drawn from ``seed``, so a second one reproduces it)."""
@@ -166,24 +172,26 @@ def sample_with_logq(model: Model, prior, x0: Tensor, solver: str, steps: Steps,
                                 pilot_n, pilot_seed, on_step)
     divergence = options.divergence()
     if isinstance(steps, AdaptiveSteps):
-        steps = _with_norm(steps, options.error_norm)
+        steps = _with_norm(steps, options)
         if steps.control == "per-sample":
             divergence = _fixed_method(divergence, model, x0, steps.t0, basis)
     run = _build(solver, DivergenceDynamics(model, co, divergence, basis), zeta)
     sol = solve(run, (x0, x0.new_zeros(x0.shape[0])), steps, on_step)
     logq = logp0 + sol.state[1]
-    info.update(_trace_info(divergence), grid=_grid_info(sol, steps, options.error_norm))
+    info.update(_trace_info(divergence), grid=_grid_info(sol, steps))
     if options.mode == "hutchinson":
         info["warning"] = HUTCHINSON_WARNING
     return FlowSamples(x=sol.x, x0=x0, logq=logq, logp0=logp0, logq_integrated=logq, nfe=sol.nfe, solution=sol,
                        solver=run, prior=prior, info=info, sample_nfe=sol.sample_nfe)
 
 
-def _with_norm(steps: AdaptiveSteps, error_norm: str) -> AdaptiveSteps:
-    """Step control over (x, ell) with ell in absolute terms ("x+logq"), or over x alone ("x")."""
-    if error_norm == "x":
-        return dataclasses.replace(steps, error_components=(0,), absolute_components=())
-    return dataclasses.replace(steps, error_components=(0, 1), absolute_components=(1,))
+def _with_norm(steps: AdaptiveSteps, options: LogQOptions) -> AdaptiveSteps:
+    """Step control over (x, ell) with ell in absolute terms, tolerance ``options.logq_atol`` ("x+logq"), or over
+    x alone ("x")."""
+    if options.error_norm == "x":
+        return dataclasses.replace(steps, error_components=(0,), absolute_components=(), absolute_atol=None)
+    return dataclasses.replace(steps, error_components=(0, 1), absolute_components=(1,),
+                               absolute_atol=options.logq_atol)
 
 
 def _fixed_method(divergence: ExactTrace | Hutchinson, model: Model, x0: Tensor, t0: float,
@@ -248,10 +256,12 @@ def _trace_info(div: ExactTrace | Hutchinson) -> dict[str, Any]:
     return {"trace": "exact", "trace_method": chosen[0] if len(chosen) == 1 else chosen}
 
 
-def _grid_info(sol: Solution, steps: Steps, error_norm: str) -> dict[str, Any]:
+def _grid_info(sol: Solution, steps: Steps) -> dict[str, Any]:
     if not isinstance(steps, AdaptiveSteps):
         return {"kind": "fixed", "steps": sol.accepted}
-    return {"kind": "adaptive", "steps": sol.accepted, "rejected": sol.rejected, "error_norm": error_norm,
+    norm = "x+logq" if 1 in steps.error_components else "x"
+    return {"kind": "adaptive", "steps": sol.accepted, "rejected": sol.rejected, "error_norm": norm,
+            "logq_atol": (steps.atol if steps.absolute_atol is None else steps.absolute_atol) if norm != "x" else None,
             "step_control": steps.control}
 
 
@@ -298,7 +308,7 @@ def log_density(model: Model, prior, x: Tensor, solver: str, steps: Steps, *,
     if isinstance(steps, FixedGrid):
         back_steps = steps.reversed()
     else:
-        back_steps = _with_norm(dataclasses.replace(steps, t0=steps.t1, t1=steps.t0), options.error_norm)
+        back_steps = _with_norm(dataclasses.replace(steps, t0=steps.t1, t1=steps.t0), options)
     run = _build(solver, DivergenceDynamics(model, co, options.divergence(), prior.basis(x.dtype, x.device)), zeta)
     sol = solve(run, (x, x.new_zeros(x.shape[0])), back_steps)
     x0 = prior.project(sol.x)

@@ -64,6 +64,7 @@ class AdaptiveSteps:
     error_components: tuple[int, ...] = (0,)
     control: str = "shared"
     absolute_components: tuple[int, ...] = ()
+    absolute_atol: float | None = None
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:
@@ -78,15 +79,18 @@ class AdaptiveSteps:
             raise ValueError(f"max_step is a fraction of |t1 - t0| in (0, 1], got {self.max_step}")
         if self.first_step is not None and not self.first_step > 0:
             raise ValueError(f"first_step must be positive, got {self.first_step}")
+        if self.absolute_atol is not None and not (math.isfinite(self.absolute_atol) and self.absolute_atol > 0):
+            raise ValueError(f"absolute_atol must be a finite number > 0, got {self.absolute_atol}")
         if not self.error_components:
             raise ValueError("error_components must name at least one state component")
         object.__setattr__(self, "error_components", tuple(int(i) for i in self.error_components))
         object.__setattr__(self, "absolute_components", tuple(int(i) for i in self.absolute_components))
 
     def scale(self, i: int, x0: torch.Tensor, x1: torch.Tensor):
-        """Tolerance of component ``i``: atol + rtol max(|x_n|, |x_{n+1}|), or atol alone for an absolute one."""
+        """Tolerance of component ``i``: atol + rtol max(|x_n|, |x_{n+1}|), or for an absolute one (log q, in
+        nats) ``absolute_atol`` alone (None: atol)."""
         if i in self.absolute_components:
-            return self.atol
+            return self.atol if self.absolute_atol is None else self.absolute_atol
         return self.atol + self.rtol * torch.maximum(x0.abs(), x1.abs())
 
     def step_limit(self) -> float:
