@@ -135,7 +135,7 @@ def mixture_check(n: int = 4096, solver: str = "rex-dopri5", dtype: str = "float
         "steps": steps, "grid": grid if steps is not None else None,
         "rtol": None if steps is not None else rtol, "atol": None if steps is not None else atol,
         "error_norm": error_norm if steps is None else None, "step_control": step_control if steps is None else None,
-        "logq_atol": (atol if logq_atol is None else logq_atol) if steps is None and error_norm != "x" else None,
+        "logq_atol": info["grid"].get("logq_atol"),
         "batch_size": batch_size or n, "ess": kish_ess(log_w),
         "mode_weight": {"mode": mode, "estimate": float(est.mean), "stderr": float(est.stderr),
                         "truth": float(flow.weights[mode])},

@@ -261,7 +261,7 @@ def _grid_info(sol: Solution, steps: Steps) -> dict[str, Any]:
         return {"kind": "fixed", "steps": sol.accepted}
     norm = "x+logq" if 1 in steps.error_components else "x"
     return {"kind": "adaptive", "steps": sol.accepted, "rejected": sol.rejected, "error_norm": norm,
-            "logq_atol": (steps.atol if steps.absolute_atol is None else steps.absolute_atol) if norm != "x" else None,
+            "logq_atol": steps.absolute_tolerance if norm != "x" else None,
             "step_control": steps.control}
 
 

@@ -86,11 +86,16 @@ class AdaptiveSteps:
         object.__setattr__(self, "error_components", tuple(int(i) for i in self.error_components))
         object.__setattr__(self, "absolute_components", tuple(int(i) for i in self.absolute_components))
 
+    @property
+    def absolute_tolerance(self) -> float:
+        """Tolerance of the absolute components (log q, in nats): ``absolute_atol``, by default atol."""
+        return self.atol if self.absolute_atol is None else self.absolute_atol
+
     def scale(self, i: int, x0: torch.Tensor, x1: torch.Tensor):
-        """Tolerance of component ``i``: atol + rtol max(|x_n|, |x_{n+1}|), or for an absolute one (log q, in
-        nats) ``absolute_atol`` alone (None: atol)."""
+        """Tolerance of component ``i``: atol + rtol max(|x_n|, |x_{n+1}|), or ``absolute_tolerance`` for an
+        absolute one."""
         if i in self.absolute_components:
-            return self.atol if self.absolute_atol is None else self.absolute_atol
+            return self.absolute_tolerance
         return self.atol + self.rtol * torch.maximum(x0.abs(), x1.abs())
 
     def step_limit(self) -> float:
