@@ -41,13 +41,26 @@ of the rotation orbit of that configuration), which is *not* constant: a rotatio
 seen in the canonical frame carries it, so the canonical-frame determinant alone would bias the weights.
 Since energies do not depend on R, the sampler may output the canonical frame as is.
 
+**Symmetric rotors** (``zmatrix.symmetry[i] = s >= 2``: a methyl, NH3+ or carboxylate group whose s terminal
+atoms the force field cannot tell apart). Their torsion has s equal modes; we model ``psi = s * phi`` (mod 2 pi,
+one mode; its cut and standardisation fitted on psi like any torsion) and the *branch* ``k`` in {0, ..., s - 1}
+separately: ``phi = (psi + 2 pi k) / s``. The sampler draws k uniformly and independently of z
+(:meth:`InternalCoordinates.decode` takes it; :func:`branches_from_normals` makes it from spare standard-normal
+draws). Then (z, k) -> x is a bijection (the s arcs of phi are disjoint), dphi / dpsi = 1 / s and P(k) = 1 / s,
+so the density of x is q_z(z) * s * (1 / s) / |det|: ``log_det`` is *unchanged*, both factors of s cancel
+exactly. No approximation enters the density; symmetry only decides how good the proposal is: turning the group
+by 2 pi / s permutes identical atoms but keeps each atom's own bond and angle, so the model's assumption that
+all branches are alike is exact for the torsion and approximate (to the small coupling of those bonds and
+angles to the surroundings) for the rest, which importance weights correct.
+
 **Flags** [B] bool, per sample, never a silent NaN: non-finite input or output, a bond shorter than
 ``min_bond`` nm (or negative, decoded), an angle with sin theta < ``min_sin`` (collinear atoms; also theta
 outside (0, pi) when decoding, where the placement stops being injective), a torsion whose reference frame is
 degenerate, or a torsion exactly at its cut (u infinite). Values are still returned for flagged samples.
 
-All maps are pure torch (no in-place on inputs, no value-dependent Python branches), batched over [B, N, 3],
-float32 or float64, and work under torch.func (vmap/jvp/vjp/jacfwd). z is indexed by ORIGINAL atom index:
+All maps are pure torch (no in-place on inputs, no value-dependent Python branches on coordinates; decode checks
+its integer ``branches`` eagerly), batched over [B, N, 3], float32 or float64, and work under torch.func
+(vmap/jvp/vjp/jacfwd in the coordinates, branches held fixed). z is indexed by ORIGINAL atom index:
 token i = atom i's (bond, angle, torsion); slots where ``zmatrix.mask`` is False are 0 on output and ignored on
 input.
 """
@@ -210,7 +223,8 @@ def fit_standardisation(frames_nm: Any, zmatrix: ZMatrix, bins: int = 72, sigma_
     Bonds and angles: mean and std. Torsions: the cut at the centre of the least populated bin of a ``bins``-bin
     histogram smoothed circularly by a Gaussian of ``sigma_bins`` bins (ties, e.g. empty runs, broken by a
     Gaussian of bins / 12 bins, i.e. farthest from the data), then the mean
-    and std of u = g^-1(phi - cut + pi) (frames exactly at the cut, u infinite, do not enter the moments).
+    and std of u = g^-1(phi - cut + pi) (frames exactly at the cut, u infinite, do not enter the moments);
+    symmetric rotors (``zmatrix.symmetry``) are fitted on psi = s phi (mod 2 pi) instead of phi.
     """
     x = torch.as_tensor(np.asarray(frames_nm.detach().cpu() if isinstance(frames_nm, Tensor) else frames_nm),
                         dtype=torch.float64)
@@ -222,6 +236,7 @@ def fit_standardisation(frames_nm: Any, zmatrix: ZMatrix, bins: int = 72, sigma_
     if bins < 3:
         raise ValueError(f"bins must be >= 3, got {bins}")
     bond, angle, torsion = (v.numpy() for v in internal_values(x, zmatrix))
+    torsion = np.angle(np.exp(1j * zmatrix.symmetry * torsion))  # psi = s * phi (mod 2 pi) for symmetric rotors
     mask = zmatrix.mask
     out = {key: np.zeros(n) for key in STANDARDISATION_FIELDS}
     for key in ("bond_std", "angle_std", "torsion_std"):
@@ -286,6 +301,10 @@ class InternalCoordinates(nn.Module):
         }
         for key, value in stats.items():
             self.register_buffer(f"_{key}", torch.as_tensor(value, dtype=torch.float64), persistent=False)
+        symmetry = zmatrix.symmetry[idx["ti"]]
+        self.register_buffer("_symmetry", torch.as_tensor(symmetry, dtype=torch.float64), persistent=False)
+        self.register_buffer("_symmetric_slots", torch.as_tensor(np.flatnonzero(symmetry > 1)), persistent=False)
+        self.radices = [int(v) for v in symmetry[symmetry > 1]]
         log_std = sum(float(np.log(stats[k]).sum()) for k in ("bond_std", "angle_std", "torsion_std"))
         self.log_std_sum = log_std
         # placement positions of the parents, for the NeRF loop (static Python ints)
@@ -335,6 +354,9 @@ class InternalCoordinates(nn.Module):
         centre = self._stat("torsion_centre", x)
         c, s = torch.cos(centre), torch.sin(centre)
         relative = torch.atan2(g["sin_part"] * c - g["cos_part"] * s, g["cos_part"] * c + g["sin_part"] * s)
+        if self.radices:  # psi = s * phi for the symmetric rotors, relative to the centre
+            psi = self._stat("symmetry", x) * torch.atan2(g["sin_part"], g["cos_part"]) - centre
+            relative = torch.where(self._symmetry > 1, torch.atan2(torch.sin(psi), torch.cos(psi)), relative)
         u = line_from_circle(relative)
         zb = (g["r"] - self._stat("bond_mean", x)) / self._stat("bond_std", x)
         za = (g["theta"] - self._stat("angle_mean", x)) / self._stat("angle_std", x)
@@ -344,14 +366,50 @@ class InternalCoordinates(nn.Module):
         flags = self._flags(finite=[x, z, log_det[:, None]], r=g["r"], sins=[g["sin_theta"], g["frame_sin"]])
         return z, log_det, flags
 
-    def decode(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z [B, N, 3] -> (x [B, N, 3] nm in the canonical frame, log|det dx/dz| [B], flags [B] bool)."""
+    def branches(self, x_nm: Tensor) -> Tensor:
+        """The branch k [B, S] int64 of every symmetric rotor (placement order) of coordinates [B, N, 3] nm, so
+        that ``decode(encode(x)[0], branches(x))`` gives back x (module docstring)."""
+        x = _check_coordinates(x_nm, self.n_atoms, "coordinates")
+        g = _geometry(x, self._idx())
+        slots = self._symmetric_slots
+        phi = torch.atan2(g["sin_part"], g["cos_part"])[:, slots]
+        s = self._stat("symmetry", x)[slots]
+        psi = s * phi - self._stat("torsion_centre", x)[slots]
+        turns = (psi - torch.atan2(torch.sin(psi), torch.cos(psi))) / (2 * math.pi)
+        return torch.remainder(torch.round(turns).long(), s.long())
+
+    def _branch_turns(self, branches: Tensor | None, like: Tensor) -> Tensor | float:
+        """2 pi k per torsion slot [B, N - 3] (0 off the symmetric rotors) from ``branches`` [B, S]."""
+        if not self.radices:
+            if branches is not None and branches.numel():
+                raise ValueError("this Z-matrix has no symmetric rotors; decode takes no branches")
+            return 0.0
+        expected = (like.shape[0], len(self.radices))
+        if branches is None or tuple(branches.shape) != expected:
+            raise ValueError(f"this Z-matrix has {len(self.radices)} symmetric rotors: decode needs branches of "
+                             f"shape {list(expected)} (InternalSpace.draw_branches of the raw prior draws), got "
+                             f"{None if branches is None else list(branches.shape)}")
+        k = branches.to(device=like.device)
+        radices = torch.as_tensor(self.radices, device=like.device)
+        if bool(((k < 0) | (k >= radices)).any()):
+            raise ValueError(f"branches must lie in [0, s) for the rotors' symmetry numbers {self.radices}")
+        turns = like.new_zeros(like.shape[0], self._symmetry.shape[0])
+        return turns.index_copy(1, self._symmetric_slots.to(like.device), (2 * math.pi) * k.to(like.dtype))
+
+    def decode(self, z: Tensor, branches: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """z [B, N, 3] -> (x [B, N, 3] nm in the canonical frame, log|det dx/dz| [B], flags [B] bool).
+
+        ``branches`` [B, S] int64 in [0, s): the branch of every symmetric rotor (required when there are any;
+        module docstring)."""
         z = _check_coordinates(z, self.n_atoms, "internal coordinates z")
         zp = z[:, self._order]
         r = self._stat("bond_mean", z) + self._stat("bond_std", z) * zp[:, 1:, 0]
         theta = self._stat("angle_mean", z) + self._stat("angle_std", z) * zp[:, 2:, 1]
         u = self._stat("torsion_mean", z) + self._stat("torsion_std", z) * zp[:, 3:, 2]
         phi = self._stat("torsion_centre", z) + circle_from_line(u)
+        turns = self._branch_turns(branches, z)  # validates ``branches`` first
+        if self.radices:
+            phi = (phi + turns) / self._stat("symmetry", z)
         cos_t, sin_t, cos_p, sin_p = torch.cos(theta), torch.sin(theta), torch.cos(phi), torch.sin(phi)
         zero = r.new_zeros(len(z))
         placed = [torch.stack([zero, zero, zero], -1), torch.stack([r[:, 0], zero, zero], -1)]
@@ -374,6 +432,36 @@ class InternalCoordinates(nn.Module):
         valid = torch.cat([zp[:, 1:, 0], zp[:, 2:, 1], zp[:, 3:, 2]], 1)
         flags = self._flags(finite=[valid, x, log_det[:, None]], r=r, sins=[sin_t, torch.stack(frame_sins, 1)])
         return x, log_det, flags
+
+
+def branches_from_normals(normals: Tensor, radices: list[int], max_states: int = 2 ** 20) -> Tensor:
+    """Independent uniform branches [B, S] int64 (``k_i`` in [0, radices[i])) from spare standard normals [B, M].
+
+    ``Phi(n)`` of a standard normal is uniform on (0, 1), so ``floor(Phi(n) * P)`` is uniform on [0, P) and its
+    mixed-radix digits are independent uniform; each normal carries rotors whose product of radices is at most
+    ``max_states`` (float64 resolves it to ~1e-10). ValueError if the M normals cannot carry all S rotors.
+    """
+    groups: list[list[int]] = [[]]
+    states = 1
+    for i, s in enumerate(radices):
+        if states * s > max_states:
+            groups.append([])
+            states = 1
+        groups[-1].append(i)
+        states *= s
+    if radices and len(groups) > normals.shape[-1]:
+        raise ValueError(f"{len(radices)} symmetric rotors need {len(groups)} spare normal draws, only "
+                         f"{normals.shape[-1]} are available")
+    out = torch.zeros(normals.shape[0], len(radices), dtype=torch.long, device=normals.device)
+    for column, group in enumerate(groups):
+        if not group:
+            continue
+        total = math.prod(radices[i] for i in group)
+        value = torch.floor(torch.special.ndtr(normals[:, column].double()) * total).long().clamp(0, total - 1)
+        for i in group:
+            out[:, i] = value % radices[i]
+            value = value // radices[i]
+    return out
 
 
 def random_orientation(x_nm: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -196,7 +196,8 @@ class FlowProposal:
         else:
             x, logq, nfe, rt_x, rt_logq = self._rex_family(x0, on_step)
         b = x0.shape[0]
-        x_nm, log_det, flags = self.generator.space.decode(x.detach())
+        space = self.generator.space
+        x_nm, log_det, flags = space.decode(x.detach(), space.draw_branches(z))
         logq_nm = torch.where(flags, torch.full_like(logq, float("nan")), logq.detach() - log_det.to(logq))
         return ProposalBatch(
             x=x_nm.to("cpu", torch.float64).numpy(), log_q=logq_nm.to("cpu", torch.float64).numpy(),

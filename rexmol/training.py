@@ -101,6 +101,9 @@ class FlowMatching(L.LightningModule):
         schedule_by: ``steps`` (decay over ``schedule_steps``, default the trainer's max_steps) or ``time``
             (decay over the trainer's ``max_time``: the right choice for a time-limited run).
         ema_decay: EMA of the weights (effective decay ``min(ema_decay, (1 + step) / (10 + step))``).
+        rotor_symmetry: internal coordinates only: model each symmetric rotor (methyl, NH3+, carboxylate)
+            modulo 2 pi / s (:mod:`rexmol.internal_coordinates`); a resumed or warm-started run must match the
+            space it stores.
         init_from: warm start from a generator file or checkpoint (its EMA weights and its space); same network
             kind and space kind; a DiT may gain the zero-initialised ``chirality``/``local_frames`` additions.
     """
@@ -131,6 +134,7 @@ class FlowMatching(L.LightningModule):
         schedule_by: str = "steps",
         schedule_steps: int | None = None,
         ema_decay: float = 0.999,
+        rotor_symmetry: bool = True,
         init_from: str | None = None,
     ):
         super().__init__()
@@ -197,6 +201,9 @@ class FlowMatching(L.LightningModule):
         if self.mask is None or not torch.equal(space.mask, self.mask) or \
                 not np.array_equal(np.asarray(space.zmatrix.order), np.asarray(build_zmatrix(self.system).order)):
             raise ValueError(f"{source}: its Z-matrix differs from the one this network was built on")
+        if space.rotor_symmetry != bool(self.hparams.rotor_symmetry):
+            raise ValueError(f"{source} was fitted with rotor_symmetry={space.rotor_symmetry}; set "
+                             f"--model.rotor_symmetry {str(space.rotor_symmetry).lower()} to continue it")
         self._internal_space = space
 
     def _warm_start(self, path: str) -> None:
@@ -229,7 +236,8 @@ class FlowMatching(L.LightningModule):
             if self.hparams.coordinates == "cartesian":
                 self.data_scale.fill_(dm.scale)
             else:
-                self._set_space(InternalSpace.fit(dm.train_set.frames.double(), self.system),
+                self._set_space(InternalSpace.fit(dm.train_set.frames.double(), self.system,
+                                                  rotor_symmetry=self.hparams.rotor_symmetry),
                                 f"the space fitted on {dm.data_dir}")
         if not self.data_info:  # a resumed run keeps the provenance it was trained with
             self.data_info = {**dm.info, **getattr(self, "_init_source", {}), "space_fitted_on": dict(dm.info)}
@@ -518,6 +526,13 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path) -> None:
     plt.close(fig)
 
 
+def prior_draws(module: FlowMatching, n: int, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``n`` fixed prior draws [n, N, 3] of the module's prior (``seed``) and the symmetric-rotor branches the
+    same raw draws give (None without symmetric rotors)."""
+    raw = torch.randn((n, *module.prior.shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return module.prior.project(raw), module.space.draw_branches(raw)
+
+
 class SampleEnergies(Callback):
     """After each validation: ``n_samples`` Euler samples (``n_steps``, EMA model) -> OpenMM energies (kT).
 
@@ -538,14 +553,13 @@ class SampleEnergies(Callback):
         from rexmol.geometry import wrong_handedness
 
         system = module.system
-        g = torch.Generator().manual_seed(self.seed)
         dtype = next(module.ema.parameters()).dtype
-        x = module.prior.sample(self.n_samples, generator=g, dtype=dtype)
+        x, branches = prior_draws(module, self.n_samples, self.seed, dtype)
         with torch.no_grad():
             for k in range(self.n_steps):
                 t = torch.full((self.n_samples,), k / self.n_steps, dtype=dtype)
                 x = x + module.ema(x, t) / self.n_steps
-        x_nm = module.space.decode(x.double())[0].cpu().numpy()
+        x_nm = module.space.decode(x.double(), branches)[0].cpu().numpy()
         energy = evaluate(x_nm, system).energy
         finite = np.isfinite(energy)
         bonds = np.array([(b[0].index, b[1].index) for b in system.topology.bonds()])
@@ -605,12 +619,12 @@ class ValidationESS(Callback):
 
         dtype = next(module.ema.parameters()).dtype
         prior = module.prior
-        x0 = prior.sample(self.n_samples, generator=torch.Generator().manual_seed(self.seed), dtype=dtype)
+        x0, branches = prior_draws(module, self.n_samples, self.seed, dtype)
         coords = LawsonCoordinates(FlowMatchingPath(), kind="data", output=module.hparams.output_kind)
         with torch.no_grad():
             out = sample_with_logq(module.ema, prior, x0, self.solver, FixedGrid.uniform_t(0.0, self.t1, self.steps),
                                    coords=coords, options=LogQOptions(mode="exact", method=self.trace_method))
-            x_nm, log_det, flags = module.space.decode(out.x.double())
+            x_nm, log_det, flags = module.space.decode(out.x.double(), branches)
         logq = torch.where(flags, torch.full_like(log_det, float("nan")), out.logq.double() - log_det).numpy()
         x_nm = x_nm.numpy()
         energy = np.full(len(logq), np.inf)

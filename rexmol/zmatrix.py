@@ -20,6 +20,14 @@ rotors), flagged by ``rotor``, whose torsion distributions are broad and multimo
 capacity on the rotors, and the narrow torsions behave like bonds and angles.
 
 Ring-closure bonds are simply not used as parents (the placement follows a spanning tree of the graph).
+
+**Symmetric rotors.** A rotor whose bond partner ``j`` carries, besides ``k``, ``s >= 2`` terminal atoms that
+the force field cannot tell apart (same element, mass and per-particle parameters in every force: the three
+hydrogens of a methyl or NH3+ group, the two oxygens of a carboxylate) has an ``s``-fold symmetric torsion
+distribution: turning the group by 2 pi / s only permutes identical atoms. Its marginal has ``s`` equal modes,
+which a flow represents poorly; :func:`with_rotor_symmetry` records ``symmetry[i] = s`` so that the internal
+coordinates model ``s * phi`` (one mode) and draw the branch uniformly
+(:mod:`rexmol.internal_coordinates`).
 """
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ class ZMatrix:
 
     ``order[0]`` has no coordinate, ``order[1]`` only a bond (partner ``order[0]``), ``order[2]`` a bond and an
     angle (partners ``order[1]``, ``order[0]``); every other atom has all three. ``rotor`` [N] bool: the torsion
-    is a proper (broad) rotor rather than a narrow sibling torsion.
+    is a proper (broad) rotor rather than a narrow sibling torsion. ``symmetry`` [N] int: ``s >= 2`` for a rotor
+    whose torsion is modelled modulo 2 pi / s (see the module docstring), 1 elsewhere (the default).
     """
 
     order: np.ndarray
@@ -48,10 +57,13 @@ class ZMatrix:
     angle: np.ndarray
     torsion: np.ndarray
     rotor: np.ndarray
+    symmetry: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         arrays = {k: np.asarray(getattr(self, k), dtype=np.int64) for k in ("order", "bond", "angle", "torsion")}
         arrays["rotor"] = np.asarray(self.rotor, dtype=bool)
+        arrays["symmetry"] = (np.ones(len(arrays["order"]), dtype=np.int64) if self.symmetry is None
+                              else np.asarray(self.symmetry, dtype=np.int64))
         n = len(arrays["order"])
         if n < 3 or any(a.shape != (n,) for a in arrays.values()):
             raise ValueError(f"Z-matrix arrays must all have shape [N] with N >= 3, got {[a.shape for a in arrays.values()]}")
@@ -72,6 +84,11 @@ class ZMatrix:
         return pos
 
     @property
+    def symmetric(self) -> np.ndarray:
+        """ORIGINAL indices of the symmetric rotors (``symmetry >= 2``), in placement order [S]."""
+        return np.asarray([i for i in self.order if self.symmetry[i] > 1], dtype=np.int64)
+
+    @property
     def mask(self) -> np.ndarray:
         """Valid (bond, angle, torsion) slots [N, 3] bool per original atom; 3N - 6 are True."""
         return np.stack([self.bond >= 0, self.angle >= 0, self.torsion >= 0], axis=1)
@@ -80,6 +97,8 @@ class ZMatrix:
         """JSON-serialisable form (lists of ints and bools)."""
         out: dict[str, Any] = {k: [int(v) for v in getattr(self, k)] for k in ("order", "bond", "angle", "torsion")}
         out["rotor"] = [bool(v) for v in self.rotor]
+        if (self.symmetry > 1).any():
+            out["symmetry"] = [int(v) for v in self.symmetry]
         return out
 
     @classmethod
@@ -87,7 +106,8 @@ class ZMatrix:
         missing = [k for k in ("order", "bond", "angle", "torsion", "rotor") if k not in d]
         if missing:
             raise ValueError(f"Z-matrix dict lacks keys {missing}")
-        return cls(**{k: np.asarray(d[k]) for k in ("order", "bond", "angle", "torsion", "rotor")})
+        return cls(**{k: np.asarray(d[k]) for k in ("order", "bond", "angle", "torsion", "rotor")},
+                   symmetry=None if d.get("symmetry") is None else np.asarray(d["symmetry"]))
 
 
 def _check_placement(a: dict[str, np.ndarray]) -> None:
@@ -107,6 +127,9 @@ def _check_placement(a: dict[str, np.ndarray]) -> None:
             raise ValueError(f"Z-matrix atom {i}: parents {used} must be distinct atoms placed before it")
     if a["rotor"][order[:3]].any():
         raise ValueError("Z-matrix: the first three atoms have no torsion and cannot be rotors")
+    sym = a["symmetry"]
+    if (sym < 1).any() or ((sym > 1) & ~a["rotor"]).any():
+        raise ValueError("Z-matrix symmetry must be >= 1, and > 1 only for rotors")
 
 
 def bonded_graph(system: System) -> list[list[int]]:
@@ -203,3 +226,38 @@ def build_zmatrix(system: System) -> ZMatrix:
         left = sorted(set(range(n)) - set(pos))
         raise ValueError(f"system {system.name!r}: atoms {left} are reachable only through atoms placed after them")
     return ZMatrix(order=np.array(order), bond=bond, angle=angle, torsion=torsion, rotor=rotor)
+
+
+def _particle_parameters(openmm_system) -> list[tuple]:
+    """Per-atom tuple of everything the force field knows about the particle: mass and the per-particle
+    parameters of every force that has them (charges, Lennard-Jones, GB radii and scales)."""
+    import openmm.unit as unit
+
+    def plain(v):
+        return tuple(plain(w) for w in v) if isinstance(v, (tuple, list)) else (
+            v.value_in_unit_system(unit.md_unit_system) if unit.is_quantity(v) else v)
+
+    rows = [[plain(openmm_system.getParticleMass(i))] for i in range(openmm_system.getNumParticles())]
+    for force in openmm_system.getForces():
+        if hasattr(force, "getParticleParameters") and hasattr(force, "getNumParticles"):
+            for i in range(force.getNumParticles()):
+                rows[i].append(plain(force.getParticleParameters(i)))
+    return [tuple(r) for r in rows]
+
+
+def with_rotor_symmetry(zmatrix: ZMatrix, system: System) -> ZMatrix:
+    """``zmatrix`` with ``symmetry`` set for every rotor whose bond partner holds s >= 2 force-field-identical
+    terminal atoms besides the angle partner (module docstring); the rotor atom must be one of them."""
+    neighbours = bonded_graph(system)
+    elements = [a.element.symbol if a.element is not None else a.name for a in system.topology.atoms()]
+    params = _particle_parameters(system.create_openmm_system())
+    symmetry = np.ones(zmatrix.n_atoms, dtype=np.int64)
+    for i in np.flatnonzero(zmatrix.rotor):
+        j, k = int(zmatrix.bond[i]), int(zmatrix.angle[i])
+        group = [q for q in neighbours[j] if q != k]
+        identical = all(len(neighbours[q]) == 1 and elements[q] == elements[i] and params[q] == params[i]
+                        for q in group)
+        if len(group) >= 2 and identical:
+            symmetry[i] = len(group)
+    return ZMatrix(order=zmatrix.order, bond=zmatrix.bond, angle=zmatrix.angle, torsion=zmatrix.torsion,
+                   rotor=zmatrix.rotor, symmetry=symmetry)

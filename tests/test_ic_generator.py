@@ -51,6 +51,13 @@ def trained(tmp_path_factory):
     return first, resumed, trainer, tmp
 
 
+def test_resume_refuses_a_space_with_other_rotor_symmetry(trained):
+    first = trained[0]
+    plain = FlowMatching(coordinates="internal", network="hollow", hollow=TINY_HOLLOW, rotor_symmetry=False)
+    with pytest.raises(ValueError, match="--model.rotor_symmetry true"):
+        plain._set_space(first.space, "the checkpoint")
+
+
 def test_space_is_fitted_once_and_restored_on_resume(trained):
     first, resumed, trainer, tmp = trained
     assert trainer.global_step == 8
@@ -97,11 +104,15 @@ def test_sampler_log_q_equals_independent_backward_density_minus_log_det(generat
     grid_steps = 8
     spec = ProposalSpec(ckpt="unused", solver="rk4", steps=grid_steps, dtype="float64", t1=0.999, roundtrip=False)
     proposal = FlowProposal(spec, generator, "sha")
-    out = proposal(np.random.default_rng(0).standard_normal((3, 33, 3)))
+    draws = np.random.default_rng(0).standard_normal((3, 33, 3))
+    out = proposal(draws)
     assert np.isfinite(out.log_q).all()
     space: InternalSpace = generator.space
     z_enc, log_det, flags = space.transform.encode(torch.as_tensor(out.x))  # the forward transform's log-det
     assert not flags.any()
+    # the symmetric rotors (trained by default) took the branches the raw draws give
+    assert space.rotor_symmetry
+    assert torch.equal(space.transform.branches(torch.as_tensor(out.x)), space.draw_branches(draws))
     logq_model, _, _ = log_density(generator.model, generator.prior, z_enc, "rk4",
                                    FixedGrid.uniform_t(0.0, 0.999, grid_steps), options=LogQOptions(method="vjp-batch"))
     independent = (logq_model - log_det).numpy()

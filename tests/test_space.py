@@ -199,8 +199,8 @@ def test_format_1_files_still_load(tmp_path):
 class FlagFirst(InternalSpace):
     """The fitted space with sample 0's decode flagged (as near-singular geometry would be)."""
 
-    def decode(self, z):
-        x, log_det, flags = super().decode(z)
+    def decode(self, z, branches=None):
+        x, log_det, flags = super().decode(z, branches)
         return x, log_det, flags | (torch.arange(len(z)) == 0)
 
 

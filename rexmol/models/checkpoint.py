@@ -85,11 +85,12 @@ class Generator:
         self.model.to(*args, **kwargs)
         return self
 
-    def to_nm(self, x: Tensor) -> Tensor:
-        """Model coordinates -> nm (Cartesian: same shape; internal: [B, N, 3] in the canonical frame)."""
+    def to_nm(self, x: Tensor, branches: Tensor | None = None) -> Tensor:
+        """Model coordinates -> nm (Cartesian: same shape; internal: [B, N, 3] in the canonical frame, with the
+        symmetric rotors' ``branches`` if it has any, see ``space.draw_branches``)."""
         if isinstance(self.space, CartesianSpace):
             return x * self.space.scale
-        return self.space.decode(x)[0]
+        return self.space.decode(x, branches)[0]
 
     def from_nm(self, x: Tensor) -> Tensor:
         """Frames in nm [B, N, 3] -> model coordinates [B, N, 3]."""

@@ -15,6 +15,9 @@ whatever the space is. Two spaces:
   slots; decode places the atoms (NeRF) in a canonical frame, with the exact analytic log|det dx/dz| on the
   internal measure and a per-sample flag for near-singular geometry. The six rigid-body degrees of freedom are
   not modelled: they add the same constant to every log q, which cancels in self-normalised weights and the ESS.
+  Symmetric rotors (methyl, NH3+, carboxylate; ``rotor_symmetry`` when fitted) are modelled modulo 2 pi / s and
+  decode takes their branches, which a sampler draws with :meth:`InternalSpace.draw_branches` from the prior
+  slots the flow never uses: the raw standard-normal draw that fed the prior also fixes the branches.
 
 Why a space object rather than a flag: training (noise from the prior, loss on valid slots), the generator file
 (what to rebuild), and the sampler (prior draws, decode, log-det) all need the same three facts; keeping them in
@@ -30,9 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rexmol.internal_coordinates import InternalCoordinates, Standardisation, fit_standardisation
+from rexmol.internal_coordinates import (
+    InternalCoordinates, Standardisation, branches_from_normals, fit_standardisation,
+)
 from rexmol.likelihood.priors import MaskedGaussian, MeanFreeGaussian
-from rexmol.zmatrix import ZMatrix, build_zmatrix
+from rexmol.zmatrix import ZMatrix, build_zmatrix, with_rotor_symmetry
 
 __all__ = ["CartesianSpace", "InternalSpace", "SPACE_KINDS", "space_from_dict"]
 
@@ -66,11 +71,18 @@ class CartesianSpace:
         x = _frames(frames_nm, self.n_atoms)
         return (x - x.mean(dim=1, keepdim=True)) / self.scale
 
-    def decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def draw_branches(self, raw: Tensor | np.ndarray) -> None:
+        """No symmetric rotors in Cartesian coordinates: always None (see :meth:`InternalSpace.draw_branches`)."""
+        return None
+
+    def decode(self, x: Tensor, branches: None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Model coordinates [B, N, 3] (or [B, 3N]) -> (x_nm [B, N, 3], log|det dx_nm/dx| [B], flags [B]).
 
         log|det| = 3(N-1) log(scale) on the centred subspace; flags mark samples with non-finite coordinates.
+        ``branches`` must be None (there are no symmetric rotors).
         """
+        if branches is not None:
+            raise ValueError("a Cartesian space has no symmetric rotors; decode takes no branches")
         x = _frames(x, self.n_atoms)
         log_det = x.new_full((x.shape[0],), self.prior.dim * math.log(self.scale))
         return x * self.scale, log_det, ~torch.isfinite(x).all(dim=(1, 2))
@@ -100,14 +112,22 @@ class InternalSpace:
         self.n_atoms = int(self.mask.shape[0])
         self.prior = MaskedGaussian(self.mask)
 
+    @property
+    def rotor_symmetry(self) -> bool:
+        """Whether any rotor is modelled modulo 2 pi / s (decode then needs branches)."""
+        return len(self.zmatrix.symmetric) > 0
+
     @classmethod
-    def fit(cls, frames_nm: Tensor | np.ndarray, system) -> InternalSpace:
-        """Z-matrix of ``system`` and standardisation fitted on training frames [F, N, 3] nm (float64).
+    def fit(cls, frames_nm: Tensor | np.ndarray, system, rotor_symmetry: bool = False) -> InternalSpace:
+        """Z-matrix of ``system`` (with its symmetric rotors if ``rotor_symmetry``) and standardisation fitted on
+        training frames [F, N, 3] nm (float64).
 
         ValueError if any frame has near-singular geometry (it could not be encoded faithfully).
         """
         x = _frames(frames_nm, system.n_atoms).to(torch.float64)
         zmatrix = build_zmatrix(system)
+        if rotor_symmetry:
+            zmatrix = with_rotor_symmetry(zmatrix, system)
         space = cls(zmatrix, fit_standardisation(x, zmatrix))
         space.encode(x)  # validates every frame
         return space
@@ -129,13 +149,24 @@ class InternalSpace:
                              f"coordinates (e.g. frames {bad}); remove them from the data")
         return z
 
-    def decode(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def draw_branches(self, raw: Tensor | np.ndarray) -> Tensor | None:
+        """Branches [B, S] int64 of the symmetric rotors from raw standard-normal prior draws [B, N, 3] (before
+        the prior's projection), or None if there are none. They are read from the slots the prior discards, so
+        they are uniform and independent of the projected draw the flow starts from; the same raw draw always
+        gives the same sample."""
+        if not self.rotor_symmetry:
+            return None
+        spare = _frames(torch.as_tensor(raw), self.n_atoms)[:, ~self.mask]
+        return branches_from_normals(spare, self.transform.radices)
+
+    def decode(self, z: Tensor, branches: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Model coordinates z [B, N, 3] -> (x_nm [B, N, 3] in the canonical frame, log|det dx/dz| [B], flags [B]).
 
-        Flags: near-singular or non-finite geometry; such samples must get log q = NaN (weight 0).
+        Flags: near-singular or non-finite geometry; such samples must get log q = NaN (weight 0). ``branches``
+        [B, S]: required when the space has symmetric rotors (:meth:`draw_branches`).
         """
         z = _frames(z, self.n_atoms)
-        x, log_det, flags = self._on(z).decode(z)
+        x, log_det, flags = self._on(z).decode(z, branches)
         return x, log_det, flags | ~torch.isfinite(log_det) | ~torch.isfinite(x).all(dim=(1, 2))
 
     def to_dict(self) -> dict[str, Any]:
