@@ -113,15 +113,17 @@ def test_fast_blocks_reproduce_dit_blocks(system, zmatrix, md_frames, kind, monk
     assert relative(v, v_ref) <= 1e-12 and relative(div, div_ref) <= 1e-12
 
 
-SHIPPED_IC = DATA / "model_ic" / "generator.pt"
+SHIPPED_IC = [DATA / folder / "generator.pt" for folder in ("model_ic", "model_ic_sym")]
 
 
-@pytest.mark.skipif(not SHIPPED_IC.is_file(), reason="needs the shipped internal-coordinate generator")
+@pytest.mark.parametrize("path", SHIPPED_IC, ids=lambda p: p.parent.name)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_shipped_generator_computes_its_trained_function(dtype, tol, monkeypatch):
+def test_shipped_generator_computes_its_trained_function(path, dtype, tol, monkeypatch):
     """The optimised blocks and the closed-form divergence give the shipped weights' function (float64 to
     round-off, float32 to 1e-5 relative) on prior draws and on encoded MD frames."""
-    gen = load_generator(SHIPPED_IC)
+    if not path.is_file():
+        pytest.skip(f"needs the shipped internal-coordinate generator {path}")
+    gen = load_generator(path)
     model = gen.model.to(dtype).eval()
     frames = load_frames(DATA, "test", max_frames=3).astype(np.float64)
     prior = gen.prior.sample(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

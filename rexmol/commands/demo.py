@@ -1,7 +1,7 @@
 """``rexmol demo``: the main job — Boltzmann-sample tri-alanine with Rex-Dopri5, the Dopri5 baseline and Rex-RK4 on
-16 fixed steps, all from the same prior draws of the shipped internal-coordinate hollow generator; evaluate them
-against the shipped MD test set with bootstrap intervals and the MD floor, print the Table-6-style table, write the
-report.
+16 fixed steps, all from the same prior draws of the shipped internal-coordinate hollow generator with symmetric
+rotors (``data/ala3/model_ic_sym``); evaluate them against the shipped MD test set with bootstrap intervals and
+the MD floor, print the Table-6-style table, write the report.
 
 The shipped generator works in internal coordinates (docs/design.md §8) and its hollow network gives the exact
 divergence in about one forward pass, so exact log q with a round-trip certificate costs seconds per sample instead
@@ -33,8 +33,8 @@ FULL = {**COMMON, "n": 10_000, "solvers": "torchdiffeq-dopri5,dopri5,rex-dopri5,
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``rexmol demo``."""
-    parser.add_argument("--ckpt", type=Path, default=Path("data/ala3/model_ic/generator.pt"),
-                        help="shipped generator (internal-coordinate hollow network)")
+    parser.add_argument("--ckpt", type=Path, default=Path("data/ala3/model_ic_sym/generator.pt"),
+                        help="shipped generator (internal-coordinate hollow network with symmetric rotors)")
     parser.add_argument("--reference", type=Path, default=Path("data/ala3"), help="shipped MD dataset")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="sample folders + report (resumable)")
     parser.add_argument("--full", action="store_true",
