@@ -378,12 +378,13 @@ class InternalCoordinates(nn.Module):
         turns = (psi - torch.atan2(torch.sin(psi), torch.cos(psi))) / (2 * math.pi)
         return torch.remainder(torch.round(turns).long(), s.long())
 
-    def _branch_turns(self, branches: Tensor | None, like: Tensor) -> Tensor | float:
-        """2 pi k per torsion slot [B, N - 3] (0 off the symmetric rotors) from ``branches`` [B, S]."""
+    def _branch_turns(self, branches: Tensor | None, like: Tensor) -> Tensor | None:
+        """2 pi k per torsion slot [B, N - 3] (0 off the symmetric rotors) from ``branches`` [B, S]; None when the
+        Z-matrix has no symmetric rotors."""
         if not self.radices:
             if branches is not None and branches.numel():
                 raise ValueError("this Z-matrix has no symmetric rotors; decode takes no branches")
-            return 0.0
+            return None
         expected = (like.shape[0], len(self.radices))
         if branches is None or tuple(branches.shape) != expected:
             raise ValueError(f"this Z-matrix has {len(self.radices)} symmetric rotors: decode needs branches of "
@@ -407,8 +408,8 @@ class InternalCoordinates(nn.Module):
         theta = self._stat("angle_mean", z) + self._stat("angle_std", z) * zp[:, 2:, 1]
         u = self._stat("torsion_mean", z) + self._stat("torsion_std", z) * zp[:, 3:, 2]
         phi = self._stat("torsion_centre", z) + circle_from_line(u)
-        turns = self._branch_turns(branches, z)  # validates ``branches`` first
-        if self.radices:
+        turns = self._branch_turns(branches, z)
+        if turns is not None:
             phi = (phi + turns) / self._stat("symmetry", z)
         cos_t, sin_t, cos_p, sin_p = torch.cos(theta), torch.sin(theta), torch.cos(phi), torch.sin(phi)
         zero = r.new_zeros(len(z))
@@ -441,21 +442,19 @@ def branches_from_normals(normals: Tensor, radices: list[int], max_states: int =
     mixed-radix digits are independent uniform; each normal carries rotors whose product of radices is at most
     ``max_states`` (float64 resolves it to ~1e-10). ValueError if the M normals cannot carry all S rotors.
     """
-    groups: list[list[int]] = [[]]
-    states = 1
+    groups: list[list[int]] = []
+    states = max_states + 1
     for i, s in enumerate(radices):
         if states * s > max_states:
             groups.append([])
             states = 1
         groups[-1].append(i)
         states *= s
-    if radices and len(groups) > normals.shape[-1]:
+    if len(groups) > normals.shape[-1]:
         raise ValueError(f"{len(radices)} symmetric rotors need {len(groups)} spare normal draws, only "
                          f"{normals.shape[-1]} are available")
     out = torch.zeros(normals.shape[0], len(radices), dtype=torch.long, device=normals.device)
     for column, group in enumerate(groups):
-        if not group:
-            continue
         total = math.prod(radices[i] for i in group)
         value = torch.floor(torch.special.ndtr(normals[:, column].double()) * total).long().clamp(0, total - 1)
         for i in group:
