@@ -123,8 +123,12 @@ def test_sampler_log_q_equals_independent_backward_density_minus_log_det(generat
     assert np.abs(out.log_q - logq_model.numpy()).min() > 1.0  # leaving the log-det out is off
 
 
-def test_rex_certificate_is_at_round_off(generator):
-    spec = ProposalSpec(ckpt="unused", solver="rex-rk4", steps=16, dtype="float64", t1=0.999, roundtrip=True)
+@pytest.mark.parametrize("solver,steps,lawson", [("rex-rk4", 16, "data"), ("rex-rk4", 16, "velocity"),
+                                                 ("rex-dopri5", None, "velocity")])
+def test_rex_certificate_is_at_round_off(generator, solver, steps, lawson):
+    """Both Lawson kinds; velocity-kind Rex-Dopri5 with (x, log q) control is the demo's proposal."""
+    spec = ProposalSpec(ckpt="unused", solver=solver, steps=steps, lawson=lawson, rtol=1e-3, atol=1e-3,
+                        logq_atol=1e-2, dtype="float64", t1=0.999, roundtrip=True)
     out = FlowProposal(spec, generator, "sha")(np.random.default_rng(1).standard_normal((4, 33, 3)))
     print(f"certificate: x {out.roundtrip_x.max():.1e}, log q {out.roundtrip_logq.max():.1e}")
     assert out.roundtrip_x.max() < 1e-9 and out.roundtrip_logq.max() < 1e-8
