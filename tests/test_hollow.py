@@ -52,8 +52,8 @@ def build(system, zmatrix: ZMatrix, kind: str, hollow: bool = True, scale: float
         order, mask = zmatrix.order, zmatrix.mask
     else:
         order, mask = np.arange(n), np.ones((n, 3), dtype=bool)
-    config = HollowConfig.from_size("tiny", hollow=hollow, mixer_depth=1)  # every module of the network
-    model = HollowTransformer.for_system(system, config, order, mask, mean_free=kind == "cartesian")
+    model = HollowTransformer.for_system(system, HollowConfig.from_size("tiny", hollow=hollow), order, mask,
+                                         mean_free=kind == "cartesian")
     return randomised(model, scale)
 
 

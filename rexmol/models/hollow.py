@@ -12,10 +12,7 @@ Construction (tokens in the placement ``order``; position p holds atom o[p]):
   The left-to-right stream is strictly causal (position p attends to q <= p) and position q is fed the
   coordinates of the *previous* atom o[q-1]; the right-to-left stream attends to q >= p and position q is fed
   o[q+1]. Both also carry the atom's topology embeddings (no coordinates).
-- h_p = LTR_p + RTL_p + an embedding of a *bridge* vector (below), then ``mixer_depth`` per-token residual MLPs
-  (adaLN-Zero), normalised and time-modulated. The sum alone lets the left and right contexts meet only linearly
-  in tau's FiLM parameters; the mixer makes their interaction nonlinear. It acts on each token alone (no
-  attention), so it cannot bring in another token's state, which would carry x_{o[p]}.
+- h_p = LTR_p + RTL_p + an embedding of a *bridge* vector (below), normalised and time-modulated.
 - tau_p(u_p) = head(h_p) + W_out silu(W_in u_p * (1 + s(h_p)) + b(h_p)), u_p the atom's own three values.
 
 Hollowness. By induction over depth, LTR position p depends only on the inputs at positions q <= p, which are
@@ -65,8 +62,7 @@ SIZES: dict[str, dict[str, int]] = {
 class HollowConfig:
     """Hyperparameters of :class:`HollowTransformer` (``size`` presets: ``tiny``, ``small``, ``base``).
 
-    ``depth`` blocks per stream (two streams); ``tau_hidden``: width of the per-token MLP tau; ``mixer_depth``:
-    per-token residual MLPs on the combined conditioner (0: the plain sum, as in generators before this option).
+    ``depth`` blocks per stream (two streams); ``tau_hidden``: width of the per-token MLP tau.
     """
 
     hidden: int = 128
@@ -74,7 +70,6 @@ class HollowConfig:
     heads: int = 4
     mlp_ratio: int = 2
     tau_hidden: int = 64
-    mixer_depth: int = 0
     max_hops: int = 6
     time_frequencies: int = 64
     hollow: bool = True
@@ -85,8 +80,6 @@ class HollowConfig:
         for name in ("hidden", "depth", "heads", "mlp_ratio", "tau_hidden", "max_hops", "time_frequencies"):
             if getattr(self, name) < 1:
                 raise ValueError(f"hollow {name} must be >= 1, got {getattr(self, name)}")
-        if self.mixer_depth < 0:
-            raise ValueError(f"hollow mixer_depth must be >= 0, got {self.mixer_depth}")
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> HollowConfig:
@@ -129,25 +122,6 @@ class Stream(nn.Module):
         """[depth, H, N, N] additive attention bias: the hop table at ``hops`` [N, N], -inf where not ``allowed``."""
         block_mask = torch.zeros(allowed.shape, dtype=self.hop_bias.dtype, device=allowed.device)
         return self.hop_bias[hops].permute(2, 3, 0, 1) + block_mask.masked_fill(~allowed, float("-inf"))
-
-
-class TokenMixer(nn.Module):
-    """Per-token residual MLP with adaLN-Zero time modulation: h [B, N, D], c [B, D] -> [B, N, D]. Each token's
-    output depends on that token's input and c only."""
-
-    def __init__(self, hidden: int, mlp_ratio: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * hidden, hidden)
-        )
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 3 * hidden))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
-
-    def forward(self, h: Tensor, c: Tensor) -> Tensor:
-        shift, scale, gate = self.ada(c)[:, None].chunk(3, dim=-1)  # [B, 1, D]
-        return torch.addcmul(h, gate, self.mlp(torch.addcmul(shift, self.norm(h), 1.0 + scale)))
 
 
 def run_block(blk: Block, h: Tensor, c: Tensor, bias: Tensor) -> Tensor:
@@ -214,7 +188,6 @@ class HollowTransformer(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(2 * config.time_frequencies, d), nn.SiLU(), nn.Linear(d, d))
         self.ltr_embed, self.rtl_embed, self.bridge_embed = nn.Linear(3, d), nn.Linear(3, d), nn.Linear(3, d)
         self.ltr, self.rtl = Stream(config), Stream(config)
-        self.mixer = nn.ModuleList(TokenMixer(d, config.mlp_ratio) for _ in range(config.mixer_depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         w = config.tau_hidden
@@ -291,11 +264,8 @@ class HollowTransformer(nn.Module):
             for k, blk in enumerate(stream.blocks):
                 h = run_block(blk, h, c, bias[k][None])
             streams.append(h)
-        h = streams[0] + streams[1] + self.bridge_embed(bridge)
-        for mix in self.mixer:
-            h = mix(h, c)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        h = modulate(self.final_norm(h), shift, scale)
+        h = modulate(self.final_norm(streams[0] + streams[1] + self.bridge_embed(bridge)), shift, scale)
         return h, self.tau_film(h)
 
     def _tau_preactivation(self, u: Tensor, film: Tensor) -> tuple[Tensor, Tensor]:
