@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rexmol.atomic import write_atomic
+from rexmol.mddata import XTC_QUANTUM_NM, as_stored
 from rexmol.metrics import BASINS, basin_labels, basin_populations, energy_w2, residue_pairs, torus_w2
 from rexmol.report import (basin_table, markdown_table, plot_cost, plot_energy_histograms, plot_log_weights,
                            plot_ramachandran, plot_roundtrip, write_json)
@@ -46,7 +47,8 @@ FEW_N = 100
 
 @dataclass(frozen=True)
 class Reference:
-    """Held-out MD frames: ``frames`` [F, N, 3] nm (float32), ``energy`` [F] kT, ``angles`` [F, D] radians."""
+    """Held-out MD frames: ``frames`` [F, N, 3] nm (float32), ``energy`` [F] kT, ``angles`` [F, D] radians;
+    ``quantum_nm``: the rounding the frames went through in storage (XTC: 1e-3 nm; None: stored exactly)."""
 
     path: Path
     split: str
@@ -54,6 +56,7 @@ class Reference:
     frames: np.ndarray
     energy: np.ndarray
     angles: np.ndarray
+    quantum_nm: float | None = None
 
     @property
     def n_frames(self) -> int:
@@ -146,7 +149,21 @@ def load_reference(data_dir, system: System, split: str = "test", max_frames: in
     """
     data_dir = Path(data_dir)
     frames, energy, angles = _checked_frames(data_dir, system, split, max_frames)
-    return Reference(path=data_dir, split=split, system=system, frames=frames, energy=energy, angles=angles)
+    return Reference(path=data_dir, split=split, system=system, frames=frames, energy=energy, angles=angles,
+                     quantum_nm=XTC_QUANTUM_NM)
+
+
+def energies_as_stored(x: np.ndarray, system: System, quantum_nm: float) -> np.ndarray:
+    """Energies [N] kT of samples ``x`` [N, n, 3] nm rounded as MD frames are in storage (:func:`as_stored`), so
+    that they compare like for like with the reference's energies; +inf where x is not finite or OpenMM fails."""
+    from rexmol.energy import OpenMMEnergy
+
+    energy = np.full(len(x), np.inf)
+    finite = np.isfinite(x).all(axis=(1, 2))
+    if finite.any():
+        with OpenMMEnergy(system) as bridge:
+            energy[finite] = bridge.evaluate(as_stored(x[finite], quantum_nm).astype(np.float64)).energy
+    return energy
 
 
 def check_system_match(config: dict[str, Any], system: System, where: str) -> None:
@@ -313,7 +330,9 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
     """Metrics of one sample run against ``reference``: ``(row for the report, arrays for the plots)``.
 
     ``clip_logw``: drop the ceil(Q N) largest finite log-weights first (None: unclipped). ``bootstrap``:
-    replicates for the 95 % intervals (0: none), seeded by ``seed``.
+    replicates for the 95 % intervals (0: none), seeded by ``seed``. Energy metrics (E-W2, medians, means)
+    use the samples' energies after the reference's storage rounding (``reference.quantum_nm``), like for like
+    with the MD frames; the weights keep the exact energies (``e_w2_weighted_exact``: E-W2 without the rounding).
     """
     from rexmol.geometry import backbone_dihedrals, fix_chirality
 
@@ -333,9 +352,12 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
     still_wrong = np.zeros(n, bool)
     still_wrong[finite_x] = fix.still_wrong
 
-    energy = data["energy"]
-    samples = SampleSet(log_w=np.asarray(data["log_w"], dtype=np.float64), energy=energy, angles=angles)
+    exact = np.asarray(data["energy"], dtype=np.float64)
+    log_w = np.asarray(data["log_w"], dtype=np.float64)
+    energy = exact if reference.quantum_nm is None else energies_as_stored(x, system, reference.quantum_nm)
+    samples = SampleSet(log_w=log_w, energy=energy, angles=angles)
     metrics, clipped = _metrics_row(samples, reference, seed, clip_logw, bootstrap)
+    w = counts_weights(log_w, ~clipped)
     model, solver = _label(config)
     row: dict[str, Any] = {
         "model": model, "solver": solver, "label": f"{model} {_short_label(config)}", "n": n,
@@ -346,17 +368,34 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
         "nfe": float(data["nfe"].mean()),
         "s_per_sample": float(data["wall_seconds"].mean()),
         "cpu_s_per_sample": float(data["cpu_seconds"].mean()),
+        "energy_quantum_nm": reference.quantum_nm,
+        "e_w2_weighted_exact": _exact_energy_w2(reference, exact, w),
         "energy_median_proposal": _nanstat(np.nanmedian, energy[np.isfinite(energy)]),
         "energy_mean_md": float(reference.energy.mean()),
+        "energy_mean_reweighted": _weighted_mean(energy, w),
+        "energy_mean_reweighted_exact": _weighted_mean(exact, w),
         "roundtrip_x_median": _nanstat(np.nanmedian, data["roundtrip_x"]),
         "roundtrip_x_max": _nanstat(np.nanmax, data["roundtrip_x"]),
         "roundtrip_logq_max": _nanstat(np.nanmax, data["roundtrip_logq"]),
         "sampling": {"seed": config["seed"], "batch_size": config["batch_size"], "proposal": config["proposal"]},
     }
     row["few_samples"] = bool(n < FEW_N or row["ess_abs"] < FEW_SAMPLES)
-    arrays = {"energy": energy, "weights": counts_weights(samples.log_w, ~clipped), "log_w": data["log_w"],
+    arrays = {"energy": energy, "weights": w, "log_w": data["log_w"],
               "clipped": clipped, "angles": angles, "roundtrip_x": data["roundtrip_x"]}
     return row, arrays
+
+
+def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
+    """SNIS mean of ``values`` [N] under ``weights`` [N] (>= 0), over the finite values with weight."""
+    used = (weights > 0) & np.isfinite(values)
+    return float(np.sum(weights[used] * values[used]) / np.sum(weights[used])) if used.any() else math.nan
+
+
+def _exact_energy_w2(reference: Reference, exact: np.ndarray, weights: np.ndarray) -> float:
+    """E-W2 (kT) of the samples' exact energies under ``weights`` against the reference as stored: what E-W2 was
+    before samples were rounded like the reference (its excess over ``e_w2_weighted`` is the storage rounding)."""
+    used = (weights > 0) & np.isfinite(exact)
+    return energy_w2(reference.energy, exact[used], gen_weights=weights[used]) if used.any() else math.nan
 
 
 def evaluate_floor(reference: Reference, split: str, n: int, seed: int = 0, *, clip_logw: float | None = None,

@@ -163,6 +163,11 @@ def markdown_table(runs: list[dict], published: dict | None = None, floor: dict 
                  "replicate holds about 63 % distinct samples, which raises them, so their intervals can sit above "
                  "the point estimate (the MD floor row shows by how much at this N): read them as the spread, not as "
                  "centred error bars.")
+    quantum = next((r["energy_quantum_nm"] for r in runs if r.get("energy_quantum_nm")), None)
+    if quantum is not None:
+        note += (f" Energies compared (E-W2 columns) are the samples' after rounding to {quantum:g} nm as the MD "
+                 "frames were in storage (XTC), which raises energies by ~0.6 kT on tri-alanine; the weights use the "
+                 "exact energies (report.json: e_w2_weighted_exact, energy_mean_reweighted_exact).")
     if floor is not None:
         note += (f" MD floor: {floor['solver']} against the reference, through the same protocol: the value a "
                  "perfect sampler of this N would get.")

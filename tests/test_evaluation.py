@@ -243,3 +243,50 @@ def test_bootstrap_intervals_of_every_metric_and_basin(dataset, reference):
     again, _ = evaluate_run(config, data, reference, seed=3, bootstrap=20)
     assert again["ci95"] == row["ci95"]  # seeded
     assert row["n_distinct_resampled"] >= 1 and row["bootstrap"]["replicates"] == 20
+
+
+def test_as_stored_is_exactly_what_an_xtc_file_returns(tmp_path):
+    from mdtraj.formats import XTCTrajectoryFile
+
+    from rexmol.mddata import as_stored
+
+    x = np.random.default_rng(0).normal(scale=2.0, size=(200, 42, 3))
+    with XTCTrajectoryFile(str(tmp_path / "x.xtc"), "w") as fh:
+        fh.write(x.astype(np.float32))
+    with XTCTrajectoryFile(str(tmp_path / "x.xtc")) as fh:
+        read = fh.read()[0]
+    np.testing.assert_array_equal(as_stored(x), read)  # bitwise, float32
+    np.testing.assert_array_equal(as_stored(read), read)  # frames read from XTC are unchanged
+    assert np.isnan(as_stored(np.array([np.nan, 0.0]))[0])
+
+
+def test_sample_energies_are_compared_after_the_references_storage_rounding(dataset, reference, tmp_path):
+    """Full-precision samples: E-W2 and the energy means use the energies of the XTC-rounded samples (computed
+    here through a real XTC file), the weights the exact ones."""
+    from mdtraj.formats import XTCTrajectoryFile
+
+    from rexmol.energy import OpenMMEnergy
+    from rexmol.evaluation import evaluate_run
+    from rexmol.mddata import load_frames
+    from rexmol.metrics import energy_w2
+
+    frames = load_frames(dataset, "test").astype(np.float64)
+    frames += np.random.default_rng(1).uniform(-5e-4, 5e-4, frames.shape)  # off the 1e-3 nm grid
+    config, data = _records_from_frames(frames, reference.system)
+    with XTCTrajectoryFile(str(tmp_path / "s.xtc"), "w") as fh:
+        fh.write(frames.astype(np.float32))
+    with XTCTrajectoryFile(str(tmp_path / "s.xtc")) as fh:
+        stored = fh.read()[0].astype(np.float64)
+    with OpenMMEnergy(reference.system) as bridge:
+        e_stored = bridge.evaluate(stored).energy
+    row, arrays = evaluate_run(config, data, reference)
+    assert reference.quantum_nm == 1e-3 and row["energy_quantum_nm"] == 1e-3
+    np.testing.assert_allclose(arrays["energy"], e_stored, rtol=0, atol=1e-9)
+    w = np.exp(-data["energy"] - np.max(-data["energy"]))  # log q = 0: the weights use the exact energies
+    w /= w.sum()
+    assert row["energy_mean_reweighted"] == pytest.approx(float(np.sum(w * e_stored)), abs=1e-9)
+    assert row["energy_mean_reweighted_exact"] == pytest.approx(float(np.sum(w * data["energy"])), abs=1e-9)
+    assert row["e_w2_weighted"] == pytest.approx(energy_w2(reference.energy, e_stored, gen_weights=w), abs=1e-9)
+    assert row["e_w2_weighted_exact"] == pytest.approx(energy_w2(reference.energy, data["energy"], gen_weights=w),
+                                                       abs=1e-9)
+    assert np.abs(e_stored - data["energy"]).min() > 1e-3  # a sub-pm rounding moves energies measurably
