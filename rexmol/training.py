@@ -589,7 +589,10 @@ class ValidationESS(Callback):
     log|det|; OpenMM energies (kT) give log w = -E - log q_nm. Logs ``val/ess`` (Kish ESS / N),
     ``val/ew2_reweighted_kT`` (E-W2 of the SNIS-weighted samples against ``n_reference`` evenly spaced MD
     validation frames), ``val/ew2_proposal_kT``, ``val/sample_energy_median_kT``, ``val/nonfinite``, with
-    ``cpu_hours`` and ``train_cpu_hours`` (the same without this callback's CPU) on the same row.
+    ``cpu_hours`` and ``train_cpu_hours`` (the same without this callback's CPU) on the same row. The energies in
+    the E-W2s and the median are of the samples rounded as the MD frames are stored (``mddata.as_stored``), like
+    for like with the reference (logs before 2026-12-07 compared exact energies, ~0.5 kT lower); log w keeps the
+    exact energies.
     """
 
     def __init__(self, n_samples: int = 128, solver: str = "rk4", steps: int = 16, t1: float = 0.999,
@@ -615,6 +618,7 @@ class ValidationESS(Callback):
     def measure(self, trainer: L.Trainer, module: FlowMatching) -> dict[str, float]:
         """The metrics of the current EMA model (see the class docstring)."""
         from rexmol.energy import evaluate
+        from rexmol.mddata import as_stored
         from rexmol.metrics import energy_w2
 
         dtype = next(module.ema.parameters()).dtype
@@ -627,20 +631,22 @@ class ValidationESS(Callback):
             x_nm, log_det, flags = module.space.decode(out.x.double(), branches)
         logq = torch.where(flags, torch.full_like(log_det, float("nan")), out.logq.double() - log_det).numpy()
         x_nm = x_nm.numpy()
-        energy = np.full(len(logq), np.inf)
+        energy, compared = np.full(len(logq), np.inf), np.full(len(logq), np.inf)
         finite_x = np.isfinite(x_nm).all(axis=(1, 2))
         if finite_x.any():
             energy[finite_x] = evaluate(x_nm[finite_x], module.system).energy
+            compared[finite_x] = evaluate(as_stored(x_nm[finite_x]).astype(np.float64), module.system).energy
         log_w = -energy - logq
         ok = np.isfinite(log_w)
         reference = self._reference_energies(trainer, module)
         metrics = {"val/ess": kish_ess(log_w), "val/nonfinite": float((~ok).mean()),
                    "val/ew2_reweighted_kT": float("inf"), "val/ew2_proposal_kT": float("inf"),
-                   "val/sample_energy_median_kT": float(np.median(energy))}
-        if ok.any():
-            weights = normalized_weights(log_w)[ok]
-            metrics["val/ew2_reweighted_kT"] = energy_w2(reference, energy[ok], gen_weights=weights)
-            metrics["val/ew2_proposal_kT"] = energy_w2(reference, energy[np.isfinite(energy)])
+                   "val/sample_energy_median_kT": float(np.median(compared))}
+        usable = ok & np.isfinite(compared)
+        if usable.any():
+            weights = normalized_weights(log_w)[usable]
+            metrics["val/ew2_reweighted_kT"] = energy_w2(reference, compared[usable], gen_weights=weights)
+            metrics["val/ew2_proposal_kT"] = energy_w2(reference, compared[np.isfinite(compared)])
         return metrics
 
     def on_validation_end(self, trainer: L.Trainer, module: FlowMatching) -> None:
