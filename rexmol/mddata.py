@@ -11,7 +11,7 @@ SPLITS = ("train", "val", "test")
 
 # XTC stores each coordinate as round(x / quantum) with quantum 1e-3 nm (mdtraj's fixed precision of 1000). The
 # rounding is invisible in torsions but not in energies: stiff bonds and angles turn a uniform +-0.5 pm error into a
-# mean energy rise of ~0.57 kT on tri-alanine (0.5 sigma^2 tr H; docs/design.md §5), so samples are compared with
+# mean energy rise of ~0.48 kT on tri-alanine (0.5 sigma^2 tr H; docs/design.md §5), so samples are compared with
 # MD frames after the same rounding (:func:`as_stored`).
 XTC_QUANTUM_NM = 1e-3
 

@@ -166,7 +166,7 @@ def markdown_table(runs: list[dict], published: dict | None = None, floor: dict 
     quantum = next((r["energy_quantum_nm"] for r in runs if r.get("energy_quantum_nm")), None)
     if quantum is not None:
         note += (f" Energies compared (E-W2 columns) are the samples' after rounding to {quantum:g} nm as the MD "
-                 "frames were in storage (XTC), which raises energies by ~0.6 kT on tri-alanine; the weights use the "
+                 "frames were in storage (XTC), which raises energies by ~0.5 kT on tri-alanine; the weights use the "
                  "exact energies (report.json: e_w2_weighted_exact, energy_mean_reweighted_exact).")
     if floor is not None:
         note += (f" MD floor: {floor['solver']} against the reference, through the same protocol: the value a "
