@@ -47,18 +47,15 @@ def run_timestep(args: tuple[str, float, float, float, float, int]) -> dict[str,
 
     from rexmol.energy import OpenMMEnergy
     from rexmol.geometry import backbone_dihedrals
+    from rexmol.md import make_simulation
     from rexmol.mddata import as_stored
     from rexmol.systems import load_system
 
     name, dt_fs, ns, frame_ps, equilibration_ps, seed = args
     system = load_system(name)
-    md = system.md
-    integrator = openmm.LangevinMiddleIntegrator(system.temperature * unit.kelvin,
-                                                 md["friction_per_ps"] / unit.picosecond, dt_fs * unit.femtosecond)
-    integrator.setRandomNumberSeed(seed)
-    context = openmm.Context(system.create_openmm_system(), integrator, openmm.Platform.getPlatformByName("Reference"))
+    context, integrator = make_simulation(system, seed, "Reference", timestep_fs=dt_fs)
     context.setPositions(system.positions)
-    openmm.LocalEnergyMinimizer.minimize(context, md.get("minimise_tolerance_kj_per_mol_nm", 10.0), 0)
+    openmm.LocalEnergyMinimizer.minimize(context, system.md.get("minimise_tolerance_kj_per_mol_nm", 10.0), 0)
     context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
     steps_per_frame = int(round(frame_ps * 1000.0 / dt_fs))
     integrator.step(int(round(equilibration_ps * 1000.0 / dt_fs)))

@@ -96,14 +96,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_simulation(system: System, seed: int, platform_name: str):
-    """Context + LangevinMiddleIntegrator for ``system`` as its spec prescribes."""
+def make_simulation(system: System, seed: int, platform_name: str, timestep_fs: float | None = None):
+    """Context + LangevinMiddleIntegrator for ``system`` as its spec prescribes (``timestep_fs``: another step,
+    for time-step studies)."""
     import openmm
     import openmm.unit as unit
 
     md = system.md
+    dt = md["timestep_fs"] if timestep_fs is None else timestep_fs
     integrator = openmm.LangevinMiddleIntegrator(
-        system.temperature * unit.kelvin, md["friction_per_ps"] / unit.picosecond, md["timestep_fs"] * unit.femtosecond
+        system.temperature * unit.kelvin, md["friction_per_ps"] / unit.picosecond, dt * unit.femtosecond
     )
     integrator.setRandomNumberSeed(seed)
     plat = openmm.Platform.getPlatformByName(platform_name)
