@@ -45,19 +45,15 @@ def randomised(model: HollowTransformer, scale: float) -> HollowTransformer:
     return model.to(DT).eval()
 
 
-QUERY_DEPTHS = (0, 1, 2)  # shifted streams; aligned with a query-only last block; aligned two-stream throughout
-
-
-def build(system, zmatrix: ZMatrix, kind: str, hollow: bool = True, scale: float = 0.3,
-          query_depth: int = 0) -> HollowTransformer:
+def build(system, zmatrix: ZMatrix, kind: str, hollow: bool = True, scale: float = 0.3) -> HollowTransformer:
     """The 'tiny' network (two blocks per stream) on the Z-matrix layout ("ic") or Cartesian, mean-free."""
     n = system.n_atoms
     if kind == "ic":
         order, mask = zmatrix.order, zmatrix.mask
     else:
         order, mask = np.arange(n), np.ones((n, 3), dtype=bool)
-    config = HollowConfig.from_size("tiny", hollow=hollow, query_depth=query_depth)
-    model = HollowTransformer.for_system(system, config, order, mask, mean_free=kind == "cartesian")
+    model = HollowTransformer.for_system(system, HollowConfig.from_size("tiny", hollow=hollow), order, mask,
+                                         mean_free=kind == "cartesian")
     return randomised(model, scale)
 
 
@@ -81,11 +77,10 @@ def inputs(model, source: str, md_frames) -> torch.Tensor:
     return x - x.mean(1, keepdim=True) if model.mean_free else x
 
 
-@pytest.mark.parametrize("query_depth", QUERY_DEPTHS)
 @pytest.mark.parametrize("kind", ["ic", "cartesian"])
 @pytest.mark.parametrize("source", ["random", "md"])
-def test_structured_equals_vjp_loop(system, zmatrix, md_frames, kind, source, query_depth):
-    model = build(system, zmatrix, kind, query_depth=query_depth)
+def test_structured_equals_vjp_loop(system, zmatrix, md_frames, kind, source):
+    model = build(system, zmatrix, kind)
     x, U = inputs(model, source, md_frames), basis_of(model)
     for t in TIMES:
         tb = torch.full((x.shape[0],), t, dtype=DT)
@@ -100,7 +95,7 @@ def reference(model: HollowTransformer, x: torch.Tensor, t: torch.Tensor, basis:
     """(v, div) of the definition: every block run by ``Block.forward`` (what checkpoints were trained with) and the
     divergence by the vjp-loop exact trace (one reverse pass per basis direction)."""
     with monkeypatch.context() as patch:
-        patch.setattr(hollow, "run_block", lambda blk, h, c, bias, start=0: blk(h, c, bias)[:, start:])
+        patch.setattr(hollow, "run_block", lambda blk, h, c, bias: blk(h, c, bias))
         return ExactTrace("vjp-loop")(model, x, t, basis)
 
 
@@ -108,10 +103,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("query_depth", QUERY_DEPTHS)
 @pytest.mark.parametrize("kind", ["ic", "cartesian"])
-def test_fast_blocks_reproduce_dit_blocks(system, zmatrix, md_frames, kind, query_depth, monkeypatch):
-    model = build(system, zmatrix, kind, query_depth=query_depth)
+def test_fast_blocks_reproduce_dit_blocks(system, zmatrix, md_frames, kind, monkeypatch):
+    model = build(system, zmatrix, kind)
     x, U = inputs(model, "md", md_frames), basis_of(model)
     t = torch.tensor(TIMES, dtype=DT)
     v, div = model.velocity_and_divergence(x, t)
@@ -156,14 +150,13 @@ def test_outputs_respect_mask_and_centroid(system, zmatrix):
     assert (cart(x + torch.tensor([0.3, -1.0, 2.0], dtype=DT), t) - vc).abs().max() < 1e-12  # translation invariant
 
 
-@pytest.mark.parametrize("query_depth", QUERY_DEPTHS)
 @pytest.mark.parametrize("kind", ["ic", "cartesian"])
-def test_conditioner_is_hollow_and_twin_is_not(system, zmatrix, kind, query_depth):
+def test_conditioner_is_hollow_and_twin_is_not(system, zmatrix, kind):
     x = torch.randn(2, system.n_atoms, 3, dtype=DT)
     t = torch.tensor([0.3, 0.8], dtype=DT)
     worst = {}
     for hollow in (True, False):
-        model = build(system, zmatrix, kind, hollow=hollow, query_depth=query_depth)
+        model = build(system, zmatrix, kind, hollow=hollow)
         xg = x.clone().requires_grad_(True)
         h = model.conditioner(xg, t)
         own = 0.0
@@ -177,9 +170,8 @@ def test_conditioner_is_hollow_and_twin_is_not(system, zmatrix, kind, query_dept
         build(system, zmatrix, kind, hollow=False).velocity_and_divergence(x, t)
 
 
-@pytest.mark.parametrize("query_depth", (0, 2))
-def test_pure_under_torch_func(system, zmatrix, query_depth):
-    model = build(system, zmatrix, "cartesian", query_depth=query_depth)
+def test_pure_under_torch_func(system, zmatrix):
+    model = build(system, zmatrix, "cartesian")
     x = torch.randn(3, system.n_atoms, 3, dtype=DT, generator=torch.Generator().manual_seed(4))
     x = x - x.mean(1, keepdim=True)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=DT)
@@ -295,8 +287,3 @@ def test_sampler_logq_structured_equals_vjp_loop(system, zmatrix, solver, contro
     if solver.startswith("rex-"):
         cert = roundtrip_certificate(s)
         assert cert.x0_error.max() < 1e-12 and cert.logq_error.max() < 1e-11, (cert.x0_error, cert.logq_error)
-
-
-def test_query_depth_is_validated():
-    with pytest.raises(ValueError, match=r"query_depth must be in \[0, depth = 2\]"):
-        HollowConfig.from_size("tiny", query_depth=3)

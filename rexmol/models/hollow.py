@@ -20,19 +20,6 @@ coordinates of atoms o[q-1], q - 1 <= p - 1; RTL position p only on atoms o[q+1]
 any depth, is a function of x_{o[p]}, and the bridge (below) excludes it too, so d h_p/d x_{o[p]} = 0 exactly
 (tests/test_hollow.py checks it by autograd, and that the non-hollow twin fails it).
 
-Aligned streams (``query_depth`` = m > 0; XLNet's two-stream attention). Above, position q carries atom o[q]'s
-topology and hop biases but atom o[q-1]'s coordinates, so no token ever holds an atom's place in the bonded graph
-together with its own coordinates. With m > 0 each stream instead has a *content* row per atom, fed that atom's own
-coordinates, and a *query* row per atom, started from its topology alone. Content rows attend causally including
-themselves (LTR: q <= p; RTL: q >= p) through all ``depth`` blocks; the last m blocks also update the query rows,
-which attend to content rows strictly before them (q < p; RTL q > p) and to query rows q <= p (RTL q >= p), with
-the hop bias of the two atoms they stand for. The stream's output is the query rows. Hollowness by induction:
-LTR content row q depends on atoms o[<= q]; LTR query row p on content rows q < p and query rows q <= p, so on
-atoms o[< p] only (RTL: o[> p]). Both share every weight with the content blocks, so the parameters are those of
-m = 0; the cost is about m more blocks per stream (the last block updates query rows only). Cartesian content
-rows are fed x_{o[q]} - x_{o[q-1]} (LTR) and x_{o[q]} - x_{o[q+1]} (RTL), 0 at the ends: translation-invariant,
-and inside the causal set of row q.
-
 Cartesian (``mean_free=True``) needs translation invariance, and the inputs must stay hollow. The LTR input at
 p is x_{o[p-1]} - x_{o[p-2]}, the RTL input x_{o[p+1]} - x_{o[p+2]} (0 where an atom is missing), the bridge
 x_{o[p+1]} - x_{o[p-1]} links the two groups; none contains x_{o[p]}. tau_i sees u_i = x_i - x_{r(i)} with r(i) a
@@ -75,9 +62,7 @@ SIZES: dict[str, dict[str, int]] = {
 class HollowConfig:
     """Hyperparameters of :class:`HollowTransformer` (``size`` presets: ``tiny``, ``small``, ``base``).
 
-    ``depth`` blocks per stream (two streams); ``tau_hidden``: width of the per-token MLP tau; ``query_depth``:
-    the last blocks of each stream that run aligned content and query rows (module doc; 0: shifted inputs, as
-    in generators before this option).
+    ``depth`` blocks per stream (two streams); ``tau_hidden``: width of the per-token MLP tau.
     """
 
     hidden: int = 128
@@ -85,7 +70,6 @@ class HollowConfig:
     heads: int = 4
     mlp_ratio: int = 2
     tau_hidden: int = 64
-    query_depth: int = 0
     max_hops: int = 6
     time_frequencies: int = 64
     hollow: bool = True
@@ -96,8 +80,6 @@ class HollowConfig:
         for name in ("hidden", "depth", "heads", "mlp_ratio", "tau_hidden", "max_hops", "time_frequencies"):
             if getattr(self, name) < 1:
                 raise ValueError(f"hollow {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.query_depth <= self.depth:
-            raise ValueError(f"hollow query_depth must be in [0, depth = {self.depth}], got {self.query_depth}")
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> HollowConfig:
@@ -142,28 +124,19 @@ class Stream(nn.Module):
         return self.hop_bias[hops].permute(2, 3, 0, 1) + block_mask.masked_fill(~allowed, float("-inf"))
 
 
-def run_block(blk: Block, h: Tensor, c: Tensor, bias: Tensor, start: int = 0) -> Tensor:
-    """``blk(h, c, bias)[:, start:]`` (:class:`rexmol.models.dit.Block`) with fewer passes over memory: the
-    attention scale folded into the query weights, one copy for q, k and v, fused multiply-adds for the adaLN
-    modulation and the gated residuals, and only rows >= ``start`` computed (keys and values from every row).
-    ``h`` [B, N, D], ``c`` [B, D], ``bias`` [1, H, N, N] -> [B, N - start, D]; equal up to round-off."""
+def run_block(blk: Block, h: Tensor, c: Tensor, bias: Tensor) -> Tensor:
+    """``blk(h, c, bias)`` (:class:`rexmol.models.dit.Block`) with fewer passes over memory: the attention scale
+    folded into the query weights, one copy for q, k and v, fused multiply-adds for the adaLN modulation and the
+    gated residuals. ``h`` [B, N, D], ``c`` [B, D], ``bias`` [1, H, N, N]; equal to the block up to round-off."""
     b, n, d = h.shape
     heads = blk.heads
     dh = d // heads
     shift1, scale1, gate1, shift2, scale2, gate2 = blk.ada(c)[:, None].chunk(6, dim=-1)  # [B, 1, D]
+    q_scale = torch.cat([h.new_full((d,), 1.0 / math.sqrt(dh)), h.new_ones(2 * d)])
     x = torch.addcmul(shift1, blk.norm1(h), 1.0 + scale1)
-    scale = 1.0 / math.sqrt(dh)
-    q_weight, kv_weight = blk.qkv.weight[:d] * scale, blk.qkv.weight[d:]
-    q_bias, kv_bias = blk.qkv.bias[:d] * scale, blk.qkv.bias[d:]
-    if start == 0:  # one GEMM for q, k and v
-        qkv = nn.functional.linear(x, torch.cat([q_weight, kv_weight]), torch.cat([q_bias, kv_bias]))
-        q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, dh]
-    else:
-        q = nn.functional.linear(x[:, start:].contiguous(), q_weight, q_bias).reshape(b, n - start, heads, dh).transpose(1, 2)
-        kv = nn.functional.linear(x, kv_weight, kv_bias)
-        k, v = kv.reshape(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-        h, bias = h[:, start:], bias[..., start:, :]
-    attn = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(b, n - start, d)
+    qkv = nn.functional.linear(x, blk.qkv.weight * q_scale[:, None], blk.qkv.bias * q_scale)
+    q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, dh]
+    attn = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
     h = torch.addcmul(h, gate1, blk.proj(attn))
     return torch.addcmul(h, gate2, blk.mlp(torch.addcmul(shift2, blk.norm2(h), 1.0 + scale2)))
 
@@ -259,23 +232,17 @@ class HollowTransformer(nn.Module):
         zero = xp.new_zeros(xp.shape[0], 1, 3)
         prev = torch.cat([zero, xp[:, :-1]], 1)  # atom o[p-1] (0 at p = 0)
         nxt = torch.cat([xp[:, 1:], zero], 1)  # atom o[p+1] (0 at p = N-1)
-        aligned = self.config.query_depth > 0
         if self.mean_free:
+            prev2 = torch.cat([zero, zero, xp[:, :-2]], 1)
+            nxt2 = torch.cat([xp[:, 2:], zero, zero], 1)
             idx = torch.arange(self.n_atoms, device=xp.device)[None, :, None]
             n = self.n_atoms
-            if aligned:  # content rows: atom o[q] against its neighbour in the stream's causal set
-                ltr = torch.where(idx >= 1, xp - prev, 0.0)
-                rtl = torch.where(idx <= n - 2, xp - nxt, 0.0)
-            else:
-                prev2 = torch.cat([zero, zero, xp[:, :-2]], 1)
-                nxt2 = torch.cat([xp[:, 2:], zero, zero], 1)
-                ltr = torch.where(idx >= 2, prev - prev2, 0.0)
-                rtl = torch.where(idx <= n - 3, nxt - nxt2, 0.0)
+            ltr = torch.where(idx >= 2, prev - prev2, 0.0)
+            rtl = torch.where(idx <= n - 3, nxt - nxt2, 0.0)
             bridge = torch.where((idx >= 1) & (idx <= n - 2), nxt - prev, 0.0)
             own = xp - xp.mean(dim=1, keepdim=True)
         else:
-            ltr, rtl = (xp, xp) if aligned else (prev, nxt)
-            bridge, own = nxt - prev, xp
+            ltr, rtl, bridge, own = prev, nxt, nxt - prev, xp
         if not self.config.hollow:
             ltr, rtl = own, own
         return ltr, rtl, bridge
@@ -289,35 +256,17 @@ class HollowTransformer(nn.Module):
         c = self.time_mlp(timestep_embedding(tb, self.config.time_frequencies))
         topo = sum(getattr(self, f"emb_{name}")(getattr(self, f"feat_{name}")) for name in FEATURE_NAMES)[None]
         ltr_in, rtl_in, bridge = self._stream_inputs(xp)
-        streams = [self._stream(self.ltr, topo + self.ltr_embed(ltr_in), topo, c, self.causal),
-                   self._stream(self.rtl, topo + self.rtl_embed(rtl_in), topo, c, self.causal.T)]
+        causal = self.causal if self.config.hollow else torch.ones_like(self.causal)
+        streams = []
+        for stream, embedded, allowed in ((self.ltr, self.ltr_embed(ltr_in), causal),
+                                          (self.rtl, self.rtl_embed(rtl_in), causal.T)):
+            h, bias = topo + embedded, stream.bias(self.hops, allowed)
+            for k, blk in enumerate(stream.blocks):
+                h = run_block(blk, h, c, bias[k][None])
+            streams.append(h)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         h = modulate(self.final_norm(streams[0] + streams[1] + self.bridge_embed(bridge)), shift, scale)
         return h, self.tau_film(h)
-
-    def _stream(self, stream: Stream, h: Tensor, topo: Tensor, c: Tensor, causal: Tensor) -> Tensor:
-        """One stream's output [B, N, D] by position from its input rows ``h`` [B, N, D] (topology + coordinates),
-        ``topo`` [1, N, D] and the time embedding ``c`` [B, D]; ``causal`` [N, N] (q <= p for LTR, q >= p for RTL)
-        is what a hollow position may see (the twin sees everything)."""
-        n, m, depth = self.n_atoms, self.config.query_depth, self.config.depth
-        if not self.config.hollow:
-            causal = torch.ones_like(causal)
-        if m == 0:
-            bias = stream.bias(self.hops, causal)
-            for k, blk in enumerate(stream.blocks):
-                h = run_block(blk, h, c, bias[k][None])
-            return h
-        eye = torch.eye(n, dtype=torch.bool, device=causal.device)
-        before = causal & ~eye if self.config.hollow else causal
-        allowed = torch.cat([torch.cat([causal, torch.zeros_like(causal)], 1),  # content rows: content q <= p
-                             torch.cat([before, causal], 1)])  # query rows: content q < p, query q <= p
-        bias = stream.bias(self.hops.repeat(2, 2), allowed)  # [depth, H, 2N, 2N]
-        for k in range(depth - m):
-            h = run_block(stream.blocks[k], h, c, bias[k, :, :n, :n][None])
-        h = torch.cat([h, topo.expand_as(h)], 1)  # query rows start from the atom's topology alone
-        for k in range(depth - m, depth):
-            h = run_block(stream.blocks[k], h, c, bias[k][None], start=n if k == depth - 1 else 0)
-        return h
 
     def _tau_preactivation(self, u: Tensor, film: Tensor) -> tuple[Tensor, Tensor]:
         """(a, g) [B, N, W]: tau's hidden pre-activation a = tau_in(u) * g + b and its FiLM gain g = 1 + s."""
