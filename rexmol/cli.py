@@ -5,7 +5,8 @@ Each subcommand lives in its own module ``rexmol.commands.<name>`` exposing ``co
 reproducibility, ``--quiet`` to silence progress bars, and how a run ends. A bad input (``ValueError``,
 ``OSError``: a missing, damaged or misplaced file) ends in one line naming the file or option and exit status 2;
 Ctrl-C ends in "interrupted; rerun the same command to resume" and status 130 (every command is resumable);
-``--debug`` (anywhere on the line) shows the traceback instead.
+``--debug`` (anywhere on the line) shows the traceback instead. Every command runs with rexmol's allocator policy
+(:mod:`rexmol.allocator`: freed activations stay in the process; no result depends on it).
 
 A subcommand's module is imported only when that subcommand is named, so ``rexmol --help`` does not import torch.
 """
@@ -15,6 +16,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Iterable
+
+from rexmol.allocator import tune_allocator
 
 SUBCOMMANDS: dict[str, str] = {
     "md": "generate molecular-dynamics data with OpenMM (resumable)",
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != DEBUG_FLAG]
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     prefix = f"rexmol {command}" if command else "rexmol"
+    tune_allocator()
     try:
         if command == "train":  # LightningCLI owns its own parser
             return int(_module("train").train(argv[1:]) or 0)

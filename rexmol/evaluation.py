@@ -286,7 +286,7 @@ def protocol_metrics(samples: SampleSet, reference: Reference, counts: np.ndarra
 
 
 def _metrics_row(samples: SampleSet, reference: Reference, seed: int, clip_logw: float | None,
-                 bootstrap: int) -> tuple[dict[str, Any], np.ndarray]:
+                 bootstrap: int, on_replicate: Callable[[int], None] | None) -> tuple[dict[str, Any], np.ndarray]:
     """The point estimate (with its SNIS-weighted twins and basin error bars) and its intervals; also the
     clipped mask [N] for the plots."""
     ones = np.ones(samples.n, dtype=np.int64)
@@ -302,7 +302,7 @@ def _metrics_row(samples: SampleSet, reference: Reference, seed: int, clip_logw:
     row["t_w2_weighted"] = torus_w2(reference.angles, samples.angles[used], b_weights=w[used])
     intervals, failed = ({}, 0) if not bootstrap else bootstrap_intervals(
         samples.n, lambda counts, rng: protocol_metrics(samples, reference, counts, clip_logw, rng), bootstrap,
-        np.random.default_rng([seed, 16]))
+        np.random.default_rng([seed, 16]), on_replicate=on_replicate)
     row["ci95"] = {k: v for k, v in intervals.items() if not k.startswith("basin:")}
     row["bootstrap"] = {"replicates": bootstrap, "failed": failed, "seed": seed, "level": 0.95,
                         "method": "percentile; each replicate redraws the samples and repeats clip, SNIS, "
@@ -325,12 +325,12 @@ def _metrics_row(samples: SampleSet, reference: Reference, seed: int, clip_logw:
 
 
 def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference: Reference, seed: int = 0,
-                 where: str = "sample folder", *, clip_logw: float | None = None,
-                 bootstrap: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                 where: str = "sample folder", *, clip_logw: float | None = None, bootstrap: int = 0,
+                 on_replicate: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of one sample run against ``reference``: ``(row for the report, arrays for the plots)``.
 
     ``clip_logw``: drop the ceil(Q N) largest finite log-weights first (None: unclipped). ``bootstrap``:
-    replicates for the 95 % intervals (0: none), seeded by ``seed``. Energy metrics (E-W2, medians, means)
+    replicates for the 95 % intervals (0: none), seeded by ``seed``; ``on_replicate(k)`` after each (progress). Energy metrics (E-W2, medians, means)
     use the samples' energies after the reference's storage rounding (``reference.quantum_nm``), like for like
     with the MD frames; the weights keep the exact energies (``e_w2_weighted_exact``: E-W2 without the rounding).
     """
@@ -356,7 +356,7 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
     log_w = np.asarray(data["log_w"], dtype=np.float64)
     energy = exact if reference.quantum_nm is None else energies_as_stored(x, system, reference.quantum_nm)
     samples = SampleSet(log_w=log_w, energy=energy, angles=angles)
-    metrics, clipped = _metrics_row(samples, reference, seed, clip_logw, bootstrap)
+    metrics, clipped = _metrics_row(samples, reference, seed, clip_logw, bootstrap, on_replicate)
     w = counts_weights(log_w, ~clipped)
     model, solver = _label(config)
     row: dict[str, Any] = {
@@ -399,7 +399,7 @@ def _exact_energy_w2(reference: Reference, exact: np.ndarray, weights: np.ndarra
 
 
 def evaluate_floor(reference: Reference, split: str, n: int, seed: int = 0, *, clip_logw: float | None = None,
-                   bootstrap: int = 0) -> dict[str, Any]:
+                   bootstrap: int = 0, on_replicate: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The MD floor: the same metrics for ``n`` evenly spaced frames of ``split`` (equal weights) against
     ``reference``. ValueError when a floor frame is byte-identical to a reference frame (sets not disjoint)."""
     if n < 1:
@@ -411,7 +411,7 @@ def evaluate_floor(reference: Reference, split: str, n: int, seed: int = 0, *, c
         raise ValueError(f"--floor-split {split}: {shared} of its {len(frames)} frames are also reference frames "
                          f"({reference.split} split); choose another split or --floor-split none")
     samples = SampleSet(log_w=np.zeros(len(frames)), energy=energy, angles=angles)
-    metrics, _ = _metrics_row(samples, reference, seed, clip_logw, bootstrap)
+    metrics, _ = _metrics_row(samples, reference, seed, clip_logw, bootstrap, on_replicate)
     return {"model": "MD floor", "solver": f"{len(frames)} evenly spaced {split} frames (equal weights)",
             "label": f"MD {split}", "n": int(len(frames)), "split": split, "n_nonfinite": 0, "n_mirrored": 0,
             "disjoint_from_reference": True, **metrics, "few_samples": False}

@@ -40,7 +40,7 @@ from rexmol.likelihood.priors import MaskedGaussian, MeanFreeGaussian
 from rexmol.models.checkpoint import (NETWORKS, OUTPUT_KINDS, build_network, generator_info, load_generator,
                                       save_generator)
 from rexmol.models.dit import DiTConfig
-from rexmol.models.hollow import HollowConfig
+from rexmol.models.hollow import HollowConfig, select_blocks
 from rexmol.models.space import SPACE_KINDS, CartesianSpace, InternalSpace, space_from_dict
 from rexmol.solvers import FixedGrid, FlowMatching as FlowMatchingPath, LawsonCoordinates
 from rexmol.systems import load_system
@@ -106,6 +106,9 @@ class FlowMatching(L.LightningModule):
             space it stores.
         init_from: warm start from a generator file or checkpoint (its EMA weights and its space); same network
             kind and space kind; a DiT may gain the zero-initialised ``chirality``/``local_frames`` additions.
+        init_blocks: with ``init_from`` and a hollow network: start a shallower network from these blocks of the
+            source's streams (strictly increasing indices, as many as ``hollow.depth``;
+            :func:`rexmol.models.hollow.select_blocks`).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class FlowMatching(L.LightningModule):
         ema_decay: float = 0.999,
         rotor_symmetry: bool = True,
         init_from: str | None = None,
+        init_blocks: list[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -177,8 +181,13 @@ class FlowMatching(L.LightningModule):
         self.cpu_seconds_before = 0.0  # process CPU of earlier sessions (restored on resume)
         self.validation_cpu_seconds = 0.0  # part of cpu_seconds() spent in ValidationESS (all sessions)
         self._cpu_start: float | None = None
+        if init_blocks is not None and (init_from is None or network != "hollow"):
+            raise ValueError("model.init_blocks needs model.init_from and model.network hollow")
+        if init_blocks is not None and len(init_blocks) != self.model.config.depth:
+            raise ValueError(f"model.init_blocks names {len(init_blocks)} blocks but the hollow depth is "
+                             f"{self.model.config.depth}; give one source block per block")
         if init_from is not None:
-            self._warm_start(init_from)
+            self._warm_start(init_from, None if init_blocks is None else [int(b) for b in init_blocks])
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
 
     # -- the space -----------------------------------------------------------------------------------------
@@ -206,15 +215,18 @@ class FlowMatching(L.LightningModule):
                              f"--model.rotor_symmetry {str(space.rotor_symmetry).lower()} to continue it")
         self._internal_space = space
 
-    def _warm_start(self, path: str) -> None:
+    def _warm_start(self, path: str, blocks: list[int] | None) -> None:
         source = load_generator(path)
         if source.system_name != self.system.name:
             raise ValueError(f"init_from {path} is for system {source.system_name!r}, not {self.system.name!r}")
         if source.network != self.hparams.network:
             raise ValueError(f"init_from {path}: architecture differs (network {source.network!r}, not "
                              f"{self.hparams.network!r})")
+        state = source.model.state_dict()
+        if blocks is not None:
+            state = select_blocks(state, blocks)
         try:
-            missing, unexpected = self.model.load_state_dict(source.model.state_dict(), strict=False)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch
             raise ValueError(f"init_from {path}: architecture differs: {err}") from err
         new_modules = [k for k in missing if not (source.network == "dit" and k.startswith(("chiral_", "frame_")))]
@@ -222,7 +234,7 @@ class FlowMatching(L.LightningModule):
             raise ValueError(f"init_from {path}: architecture differs (missing {new_modules}, unexpected {unexpected})")
         self._set_space(source.space, f"init_from {path}")
         self._init_source = {"init_from": str(path), "init_global_step": source.meta.get("global_step"),
-                             "init_space": source.space.to_dict()}
+                             "init_space": source.space.to_dict(), "init_blocks": blocks}
 
     # -- data, space fit, provenance and CPU clock ---------------------------------------------------------
     def on_fit_start(self) -> None:

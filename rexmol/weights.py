@@ -230,24 +230,28 @@ def percentile_interval(values, level: float = 0.95) -> tuple[float, float] | No
 
 
 def bootstrap_intervals(n: int, statistic: Callable[[np.ndarray, np.random.Generator], dict[str, float]],
-                        replicates: int, rng: np.random.Generator,
-                        level: float = 0.95) -> tuple[dict[str, tuple[float, float] | None], int]:
+                        replicates: int, rng: np.random.Generator, level: float = 0.95,
+                        on_replicate: Callable[[int], None] | None = None,
+                        ) -> tuple[dict[str, tuple[float, float] | None], int]:
     """Percentile-bootstrap intervals of every value ``statistic(counts [n], rng)`` returns.
 
     Each replicate draws n of the n samples with replacement, as multiplicities ``counts``, and the statistic
     repeats the whole estimate on them (e.g. clip, SNIS, resample, metrics, with ``rng`` for its own draws).
     A replicate whose statistic raises ValueError (say, no finite weight left) is left out and counted.
+    ``on_replicate(k)`` is called after replicate k (1-based) is done (progress).
     Returns ``({name: (lo, hi) or None}, number of replicates left out)``.
     """
     values: dict[str, list[float]] = {}
     failed = 0
-    for _ in range(replicates):
+    for k in range(replicates):
         counts = np.bincount(rng.integers(0, n, n), minlength=n)
         try:
             result = statistic(counts, rng)
         except ValueError:
             failed += 1
-            continue
+            result = {}
         for key, v in result.items():
             values.setdefault(key, []).append(v)
+        if on_replicate is not None:
+            on_replicate(k + 1)
     return {key: percentile_interval(v, level) for key, v in values.items()}, failed

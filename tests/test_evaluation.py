@@ -143,6 +143,32 @@ def test_evaluate_ckpt_compares_solvers_from_the_same_draws(dataset, tmp_path, c
     np.testing.assert_allclose(princeps["x"], euler["x"], rtol=0, atol=1e-10)
 
 
+def test_roundtrip_policy_certifies_the_rex_samples_only_and_a_pool_evaluates_alike(dataset, tmp_path, capsys):
+    from rexmol.commands.evaluate import evaluate_folders
+
+    ckpt = make_tiny_ckpt(tmp_path / "tiny.pt")
+    out = tmp_path / "policy"
+    argv = ["evaluate", "--ckpt", ckpt, "--solvers", "rex-euler,euler", "--steps", "2", "--n", "3",
+            "--batch-size", "3", "--trace-method", "vjp-loop", "--reference", str(dataset), "--out", str(out),
+            "--seed", "4", "--model-dtype", "float64", "--roundtrip", "reversible", "--bootstrap", "3"]
+    assert main(argv) == 0
+    rex, euler = (np.load(out / name / "samples.npz") for name in ("rex-euler", "euler"))
+    assert np.isfinite(rex["roundtrip_x"]).all() and np.isnan(euler["roundtrip_x"]).all()
+    dirs = [out / "rex-euler", out / "euler"]
+    rows = {}
+    capsys.readouterr()
+    for processes in (1, 2):
+        evaluate_folders(dirs, dataset, tmp_path / f"report{processes}", seed=4, bootstrap=3, floor_split="train",
+                         processes=processes, quiet=processes == 2)
+        if processes == 1:  # progress moves per replicate, for every row
+            err = capsys.readouterr().err
+            for label in ("rex-euler", "euler", "MD floor (train)"):
+                assert [f"evaluate {label}: bootstrap replicate {k}/3" in err for k in (1, 2, 3)] == [True] * 3
+        report = json.loads((tmp_path / f"report{processes}" / "report.json").read_text())
+        rows[processes] = json.dumps([report["runs"], report["floor"]], sort_keys=True)
+    assert rows[1] == rows[2]  # each row seeded by --seed alone: the pool changes nothing
+
+
 def test_solver_entries_set_steps_and_logq_per_row_from_the_same_draws(dataset, tmp_path, capsys):
     ckpt = make_tiny_ckpt(tmp_path / "tiny.pt")
     out = tmp_path / "entries"

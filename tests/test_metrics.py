@@ -69,6 +69,18 @@ def test_torus_w2_equals_brute_force_assignment():
     assert torus_w2(a, b) == pytest.approx(math.sqrt(best), rel=1e-10)
 
 
+def test_torus_cost_in_row_blocks_equals_the_geodesic_distance_from_complex_phases(monkeypatch):
+    import rexmol.metrics as metrics
+
+    rng = np.random.default_rng(5)
+    a, b = rng.uniform(-9, 9, (37, 3)), rng.uniform(-np.pi, 3 * np.pi, (11, 3))  # any 2 pi window
+    truth = (np.abs(np.angle(np.exp(1j * (a[:, None, :] - b[None, :, :])))) ** 2).sum(-1)
+    monkeypatch.setattr(metrics, "COST_BLOCK", 4 * 11)  # blocks of 4 rows, the last one partial
+    np.testing.assert_allclose(metrics.torus_cost(a, b), truth, rtol=0, atol=1e-12)
+    monkeypatch.setattr(metrics, "COST_BLOCK", 1)  # one row per block
+    np.testing.assert_allclose(metrics.torus_cost(a, b), truth, rtol=0, atol=1e-12)
+
+
 def test_torus_w2_rejects_mismatched_dimensions():
     with pytest.raises(ValueError, match="dimension"):
         torus_w2(np.zeros((3, 4)), np.zeros((3, 2)))

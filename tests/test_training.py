@@ -1,6 +1,7 @@
 """Flow-matching training: overfit, learned rotation equivariance, checkpoint round trip, resume, CLI errors."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from dit_support import jittered_frames, write_dataset
@@ -145,3 +146,40 @@ def test_warm_start_keeps_function_and_scale(trained, tmp_path):
         torch.testing.assert_close(warm.model(x, t), plain(x, t), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="architecture differs"):
         FlowMatching(size="tiny", hidden=16, init_from=str(path))
+
+
+def test_warm_start_from_chosen_blocks_computes_the_source_with_the_others_gated_off(tmp_path):
+    """A depth-1 hollow network started from block 1 of a depth-2 one equals the source with block 0 made the
+    identity (its adaLN-Zero modulation zeroed, so both gates are 0): velocity and exact divergence."""
+    import copy
+
+    from rexmol.models.hollow import HollowConfig, HollowTransformer
+    from rexmol.systems import load_system
+    from rexmol.zmatrix import build_zmatrix
+
+    system = load_system("ala3")
+    order = np.asarray(build_zmatrix(system).order)
+    source = HollowTransformer.for_system(system, HollowConfig.from_size("tiny", depth=2), order,
+                                          np.ones((system.n_atoms, 3), bool), mean_free=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    path = save_generator(tmp_path / "deep.pt", source, system_name="ala3", scale=0.25)
+    gated = copy.deepcopy(source)
+    with torch.no_grad():
+        for stream in (gated.ltr, gated.rtl):
+            stream.blocks[0].ada[1].weight.zero_()
+            stream.blocks[0].ada[1].bias.zero_()
+    hollow = {"size": "tiny", "depth": 1}
+    warm = FlowMatching(network="hollow", hollow=hollow, init_from=str(path), init_blocks=[1])
+    x, t = torch.randn(4, 33, 3, generator=gen), torch.rand(4, generator=gen)
+    with torch.no_grad():
+        for got, want in zip(warm.model.velocity_and_divergence(x, t), gated.velocity_and_divergence(x, t)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert not torch.allclose(warm.model(x, t), source(x, t), atol=1e-3)  # block 0 did matter
+    for blocks, match in (([0, 1], "hollow depth is 1"), ([2], "strictly increasing"), ([-1], "strictly")):
+        with pytest.raises(ValueError, match=match):
+            FlowMatching(network="hollow", hollow=hollow, init_from=str(path), init_blocks=blocks)
+    with pytest.raises(ValueError, match="needs model.init_from"):
+        FlowMatching(network="hollow", hollow=hollow, init_blocks=[1])

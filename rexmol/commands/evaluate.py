@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -120,38 +121,92 @@ def check_evaluation_options(args: argparse.Namespace) -> None:
                          "or --floor-split none")
 
 
+class _Progress:
+    """One line per bootstrap replicate of one row, on stderr (moves every ~minute at N = 10^4; silent when quiet)."""
+
+    def __init__(self, label: str, total: int, quiet: bool):
+        self.label, self.total, self.quiet, self.start = label, total, quiet, time.perf_counter()
+
+    def __call__(self, k: int) -> None:
+        if not self.quiet:
+            print(f"evaluate {self.label}: bootstrap replicate {k}/{self.total} "
+                  f"({time.perf_counter() - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+
+def _evaluate_folder(d: Path, reference, seed: int, clip_logw: float | None, bootstrap: int, quiet: bool):
+    """(row, arrays) of one finished sample folder (a process-pool task)."""
+    from rexmol.evaluation import evaluate_run
+    from rexmol.sampling import load_samples
+
+    config, data = load_samples(d)
+    row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d), clip_logw=clip_logw,
+                            bootstrap=bootstrap, on_replicate=_Progress(d.name, bootstrap, quiet))
+    return {**row, "folder": str(d)}, arr
+
+
+def _evaluate_floor(reference, split: str, n: int, seed: int, clip_logw: float | None, bootstrap: int,
+                    quiet: bool):
+    """The MD floor row (a process-pool task)."""
+    from rexmol.evaluation import evaluate_floor
+
+    return evaluate_floor(reference, split, n, seed=seed, clip_logw=clip_logw, bootstrap=bootstrap,
+                          on_replicate=_Progress(f"MD floor ({split})", bootstrap, quiet))
+
+
 def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split: str = "test",
                      max_reference: int | None = 10_000, published: Path | None = None, seed: int = 0,
                      extra: dict | None = None, bootstrap: int = 0, clip_logw: float | None = None,
-                     floor_split: str | None = None) -> str:
+                     floor_split: str | None = None, processes: int = 1, quiet: bool = True) -> str:
     """Evaluate sample folders against one reference and write the report into ``out``; returns the Markdown.
 
     ``floor_split``: also the MD floor row from that split at the largest run's N (None: no floor row).
+    ``processes``: evaluate the folders and the floor row in that many worker processes (each row is seeded by
+    ``seed`` alone, so the report does not depend on it). ``quiet=False``: a line per bootstrap replicate.
     """
-    from rexmol.evaluation import check_system_match, evaluate_floor, evaluate_run, load_reference, write_report
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from rexmol.evaluation import check_system_match, load_reference, write_report
     from rexmol.report import load_published, published_table
     from rexmol.sampling import load_samples
     from rexmol.systems import load_system
 
-    runs = [(d, *load_samples(d)) for d in dirs]
-    system = load_system(runs[0][1]["system"])
-    for d, config, _ in runs:
+    if processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {processes}")
+    configs = [load_samples(d)[0] for d in dirs]  # every folder checked before any work
+    system = load_system(configs[0]["system"])
+    for d, config in zip(dirs, configs):
         check_system_match(config, system, str(d))
     reference = load_reference(reference_dir, system, split=split, max_frames=max_reference)
-    rows, arrays = [], []
-    for d, config, data in runs:
-        row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d), clip_logw=clip_logw,
-                                bootstrap=bootstrap)
-        rows.append({**row, "folder": str(d)})
-        arrays.append(arr)
-    floor = None
-    if floor_split is not None:
-        floor = evaluate_floor(reference, floor_split, max(r["n"] for r in rows), seed=seed, clip_logw=clip_logw,
-                               bootstrap=bootstrap)
+    n_floor = max(int(c["n"]) for c in configs)
+    with ProcessPoolExecutor(min(processes, len(dirs) + 1), mp_context=get_context("spawn")) if processes > 1 \
+            else _Inline() as pool:
+        runs = [pool.submit(_evaluate_folder, d, reference, seed, clip_logw, bootstrap, quiet) for d in dirs]
+        floor = None if floor_split is None else pool.submit(
+            _evaluate_floor, reference, floor_split, n_floor, seed, clip_logw, bootstrap, quiet)
+        rows, arrays = map(list, zip(*(f.result() for f in runs)))
+        floor = None if floor is None else floor.result()
     if published is None:
         published = published_table(system.name)
     table = load_published(published) if published is not None else None
     return write_report(out, rows, arrays, reference, table, extra, floor=floor)
+
+
+class _Inline:
+    """A stand-in for a process pool that runs each task at once in this process (``processes=1``)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
                             published=args.published, seed=args.seed, bootstrap=args.bootstrap,
                             clip_logw=args.clip_logw,
                             floor_split=None if args.floor_split == "none" else args.floor_split,
+                            processes=args.processes, quiet=args.quiet,
                             extra={"evaluate_wall_seconds": time.perf_counter() - start})
     if not args.quiet:
         print(text)

@@ -15,6 +15,15 @@ from rexmol.likelihood.flow import ERROR_NORMS
 from rexmol.solvers.control import CONTROLS
 from rexmol.solvers.grids import GRID_KINDS
 
+ROUNDTRIP_POLICIES = ("all", "reversible", "none")
+
+
+def runs_roundtrip(policy: str, solver: str) -> bool:
+    """Whether ``solver`` runs the backward pass under ``--roundtrip policy`` (reversible: the rex- family)."""
+    if policy not in ROUNDTRIP_POLICIES:
+        raise ValueError(f"--roundtrip {policy!r}: expected one of {', '.join(ROUNDTRIP_POLICIES)}")
+    return policy == "all" or (policy == "reversible" and solver.startswith("rex-"))
+
 
 def add_solver_options(parser: argparse.ArgumentParser) -> None:
     """Options describing how a proposal is integrated (shared with ``rexmol evaluate --ckpt``)."""
@@ -48,8 +57,12 @@ def add_solver_options(parser: argparse.ArgumentParser) -> None:
                         help="precision the network runs in; float32 with --dtype float64 keeps Rex's round trip "
                              "near float32 round-off at ~2.8x less network cost than float64")
     parser.add_argument("--zeta", type=float, default=1.0, help="Rex coupling in (0, 1]")
-    parser.add_argument("--no-roundtrip", action="store_true",
-                        help="skip the backward pass that certifies each sample's round trip (halves the cost)")
+    parser.add_argument("--roundtrip", choices=list(ROUNDTRIP_POLICIES), default="all",
+                        help="which solvers run the backward pass after each sample (doubles their cost): all; "
+                             "reversible (rex- solvers only, whose round trip certifies the sample's map and "
+                             "log q; a baseline's is only a measure of its truncation error); none")
+    parser.add_argument("--no-roundtrip", dest="roundtrip", action="store_const", const="none",
+                        help="the same as --roundtrip none")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the model runs (cuda: one GPU per process; energies stay on OpenMM's CPU path)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (the unit of resumption)")
@@ -82,7 +95,7 @@ def proposal_spec(args: argparse.Namespace, solver: str):
     return ProposalSpec(ckpt=str(Path(args.ckpt).resolve()), solver=solver, rtol=args.rtol,
                         atol=args.rtol if args.atol is None else args.atol, steps=args.steps, lawson=args.lawson,
                         t0=args.t0, t1=args.t1, logq=args.trace, trace_method=args.trace_method, dtype=args.dtype,
-                        zeta=args.zeta, roundtrip=not args.no_roundtrip, device=args.device,
+                        zeta=args.zeta, roundtrip=runs_roundtrip(args.roundtrip, solver), device=args.device,
                         model_dtype=args.model_dtype, grid=args.grid, error_norm=args.error_norm,
                         logq_atol=args.logq_atol, step_control=args.step_control)
 
@@ -98,7 +111,7 @@ def run_gaussian(args: argparse.Namespace) -> int:
     result = gaussian_check(n=args.n, solver=args.solver, logq=args.trace, dtype=args.dtype, seed=args.seed,
                             rtol=args.rtol, atol=args.atol, steps=args.steps, t0=args.t0, t1=args.t1,
                             lawson=args.lawson, trace_method=args.trace_method, zeta=args.zeta,
-                            roundtrip=not args.no_roundtrip)
+                            roundtrip=runs_roundtrip(args.roundtrip, args.solver))
     if args.json:
         print(json.dumps(result))
     elif not args.quiet:
@@ -120,7 +133,7 @@ def run_mixture(args: argparse.Namespace) -> int:
                            atol=args.atol, steps=args.steps, grid=args.grid, t1=args.t1, lawson=args.lawson,
                            trace_method=args.trace_method, zeta=args.zeta, error_norm=args.error_norm,
                            logq_atol=args.logq_atol, step_control=args.step_control, batch_size=args.batch_size,
-                           roundtrip=not args.no_roundtrip)
+                           roundtrip=runs_roundtrip(args.roundtrip, args.solver))
     if args.json:
         print(json.dumps(result))
     elif not args.quiet:

@@ -108,6 +108,30 @@ def reference_atoms(hops: np.ndarray, order: np.ndarray) -> np.ndarray:
     return ref
 
 
+def select_blocks(state: dict[str, Tensor], blocks: list[int]) -> dict[str, Tensor]:
+    """A hollow network's ``state`` dict reduced to the stream blocks ``blocks`` (strictly increasing indices of
+    the source's blocks), renumbered 0, 1, ... with their hop-bias columns: the weights of a network of depth
+    ``len(blocks)`` made from a deeper one, for a warm start. Each block is a gated residual update
+    (adaLN-Zero), so the result computes what the source computes with the other blocks' gates set to zero."""
+    depth = int(state["ltr.hop_bias"].shape[1])
+    if not blocks or sorted(set(blocks)) != list(blocks) or blocks[0] < 0 or blocks[-1] >= depth:
+        raise ValueError(f"init_blocks {list(blocks)} must be strictly increasing block indices in [0, {depth}) "
+                         "of the source network")
+    renumber = {old: new for new, old in enumerate(blocks)}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        stream, _, rest = key.partition(".")
+        if stream in ("ltr", "rtl") and rest.startswith("blocks."):
+            index, _, tail = rest.removeprefix("blocks.").partition(".")
+            if int(index) in renumber:
+                out[f"{stream}.blocks.{renumber[int(index)]}.{tail}"] = value
+        elif stream in ("ltr", "rtl") and rest == "hop_bias":
+            out[key] = value[:, list(blocks)].clone()
+        else:
+            out[key] = value
+    return out
+
+
 class Stream(nn.Module):
     """``depth`` DiT blocks with one additive bias per block (hop table plus the stream's attention mask).
 
@@ -126,8 +150,9 @@ class Stream(nn.Module):
 
 def run_block(blk: Block, h: Tensor, c: Tensor, bias: Tensor) -> Tensor:
     """``blk(h, c, bias)`` (:class:`rexmol.models.dit.Block`) with fewer passes over memory: the attention scale
-    folded into the query weights, one copy for q, k and v, fused multiply-adds for the adaLN modulation and the
-    gated residuals. ``h`` [B, N, D], ``c`` [B, D], ``bias`` [1, H, N, N]; equal to the block up to round-off."""
+    folded into the query weights, q, k and v as strided views of one projection (no copy), fused multiply-adds
+    for the adaLN modulation and the gated residuals. ``h`` [B, N, D], ``c`` [B, D], ``bias`` [1, H, N, N]; equal
+    to the block up to round-off."""
     b, n, d = h.shape
     heads = blk.heads
     dh = d // heads
@@ -135,7 +160,7 @@ def run_block(blk: Block, h: Tensor, c: Tensor, bias: Tensor) -> Tensor:
     q_scale = torch.cat([h.new_full((d,), 1.0 / math.sqrt(dh)), h.new_ones(2 * d)])
     x = torch.addcmul(shift1, blk.norm1(h), 1.0 + scale1)
     qkv = nn.functional.linear(x, blk.qkv.weight * q_scale[:, None], blk.qkv.bias * q_scale)
-    q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, H, N, dh]
+    q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, dh] views
     attn = (torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
     h = torch.addcmul(h, gate1, blk.proj(attn))
     return torch.addcmul(h, gate2, blk.mlp(torch.addcmul(shift2, blk.norm2(h), 1.0 + scale2)))
