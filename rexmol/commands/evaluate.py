@@ -133,12 +133,11 @@ class _Progress:
                   f"({time.perf_counter() - self.start:.0f} s)", file=sys.stderr, flush=True)
 
 
-def _evaluate_folder(d: Path, reference, seed: int, clip_logw: float | None, bootstrap: int, quiet: bool):
-    """(row, arrays) of one finished sample folder (a process-pool task)."""
+def _evaluate_folder(d: Path, config: dict, data: dict, reference, seed: int, clip_logw: float | None,
+                     bootstrap: int, quiet: bool):
+    """(row, arrays) of one finished sample folder, loaded as ``config`` and ``data`` (a process-pool task)."""
     from rexmol.evaluation import evaluate_run
-    from rexmol.sampling import load_samples
 
-    config, data = load_samples(d)
     row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d), clip_logw=clip_logw,
                             bootstrap=bootstrap, on_replicate=_Progress(d.name, bootstrap, quiet))
     return {**row, "folder": str(d)}, arr
@@ -173,18 +172,19 @@ def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split:
 
     if processes < 1:
         raise ValueError(f"--processes must be >= 1, got {processes}")
-    configs = [load_samples(d)[0] for d in dirs]  # every folder checked before any work
-    system = load_system(configs[0]["system"])
-    for d, config in zip(dirs, configs):
+    runs = [(d, *load_samples(d)) for d in dirs]  # every folder checked before any work
+    system = load_system(runs[0][1]["system"])
+    for d, config, _ in runs:
         check_system_match(config, system, str(d))
     reference = load_reference(reference_dir, system, split=split, max_frames=max_reference)
-    n_floor = max(int(c["n"]) for c in configs)
+    n_floor = max(int(config["n"]) for _, config, _ in runs)
     with ProcessPoolExecutor(min(processes, len(dirs) + 1), mp_context=get_context("spawn")) if processes > 1 \
             else _Inline() as pool:
-        runs = [pool.submit(_evaluate_folder, d, reference, seed, clip_logw, bootstrap, quiet) for d in dirs]
+        tasks = [pool.submit(_evaluate_folder, d, config, data, reference, seed, clip_logw, bootstrap, quiet)
+                 for d, config, data in runs]
         floor = None if floor_split is None else pool.submit(
             _evaluate_floor, reference, floor_split, n_floor, seed, clip_logw, bootstrap, quiet)
-        rows, arrays = map(list, zip(*(f.result() for f in runs)))
+        rows, arrays = map(list, zip(*(f.result() for f in tasks)))
         floor = None if floor is None else floor.result()
     if published is None:
         published = published_table(system.name)
