@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -37,8 +37,8 @@ from rexmol.systems import System
 from rexmol.weights import (bootstrap_intervals, clip_counts, counts_ess, counts_weights, n_clipped,
                             resample)
 
-__all__ = ["Reference", "SampleSet", "reference_energies", "load_reference", "check_system_match",
-           "protocol_metrics", "evaluate_run", "evaluate_floor", "write_report", "FEW_SAMPLES"]
+__all__ = ["Reference", "SampleSet", "reference_energies", "load_reference", "check_system_match", "DISTANCES",
+           "checked_skip", "protocol_metrics", "evaluate_run", "evaluate_floor", "write_report", "FEW_SAMPLES"]
 
 # A run is flagged when its reweighted columns rest on fewer effective samples than this, or N is below FEW_N.
 FEW_SAMPLES = 10.0
@@ -253,13 +253,19 @@ def _basin_fractions(angles: np.ndarray, weights: np.ndarray, a: int, b: int) ->
     return pops / pops.sum()
 
 
+# The distances a bootstrap may leave out (``skip``): each costs one exact transport (T-W2) or sort (E-W2) per
+# replicate, and T-W2 of the proposal is the costliest (all its distinct samples against the reference).
+DISTANCES: tuple[str, ...] = ("e_w2", "t_w2", "e_w2_proposal", "t_w2_proposal")
+
+
 def protocol_metrics(samples: SampleSet, reference: Reference, counts: np.ndarray, clip_logw: float | None,
-                     rng: np.random.Generator) -> dict[str, float]:
+                     rng: np.random.Generator, skip: frozenset[str] = frozenset()) -> dict[str, float]:
     """One pass of the protocol on the multiset ``counts`` [N] of ``samples``: clip, SNIS, resample, metrics.
 
     Returns flat metrics: ``ess``, ``e_w2``, ``t_w2`` (resampled set), ``e_w2_proposal``, ``t_w2_proposal``
     (the drawn samples as they are), ``n_distinct_resampled``, ``n_clipped`` and ``basin:KEY:BASIN:proposal`` /
-    ``...:reweighted`` populations. ValueError when no finite log-weight is left.
+    ``...:reweighted`` populations; the distances named in ``skip`` (of ``DISTANCES``) are NaN, not computed
+    (``rng`` is drawn from the same either way). ValueError when no finite log-weight is left.
     """
     lw, energy, angles = samples.log_w, samples.energy, samples.angles
     kept = clip_counts(lw, counts, clip_logw)
@@ -269,15 +275,16 @@ def protocol_metrics(samples: SampleSet, reference: Reference, counts: np.ndarra
     c = np.asarray(counts, dtype=np.float64)
     prop_e = (c > 0) & np.isfinite(energy)
     prop_a = (c > 0) & np.isfinite(angles).all(axis=1)
-    nan = math.nan
-    out = {
-        "ess": counts_ess(lw, kept), "n_clipped": int(counts.sum() - kept.sum()),
-        "n_distinct_resampled": int(used.sum()),
-        "e_w2": energy_w2(reference.energy, energy[used], gen_weights=drawn[used]),
-        "t_w2": torus_w2(reference.angles, angles[used], b_weights=drawn[used]),
-        "e_w2_proposal": energy_w2(reference.energy, energy[prop_e], gen_weights=c[prop_e]) if prop_e.any() else nan,
-        "t_w2_proposal": torus_w2(reference.angles, angles[prop_a], b_weights=c[prop_a]) if prop_a.any() else nan,
+    distances = {
+        "e_w2": lambda: energy_w2(reference.energy, energy[used], gen_weights=drawn[used]),
+        "t_w2": lambda: torus_w2(reference.angles, angles[used], b_weights=drawn[used]),
+        "e_w2_proposal": lambda: energy_w2(reference.energy, energy[prop_e], gen_weights=c[prop_e]),
+        "t_w2_proposal": lambda: torus_w2(reference.angles, angles[prop_a], b_weights=c[prop_a]),
     }
+    present = {"e_w2": True, "t_w2": True, "e_w2_proposal": prop_e.any(), "t_w2_proposal": prop_a.any()}
+    out = {"ess": counts_ess(lw, kept), "n_clipped": int(counts.sum() - kept.sum()),
+           "n_distinct_resampled": int(used.sum())}
+    out.update({k: fn() if present[k] and k not in skip else math.nan for k, fn in distances.items()})
     for key, a, b in _residue_columns(reference.system):
         for kind, weights in (("proposal", c * prop_a), ("reweighted", w)):
             pops = _basin_fractions(angles, weights, a, b) if weights.sum() > 0 else np.full(len(BASINS), math.nan)
@@ -286,9 +293,10 @@ def protocol_metrics(samples: SampleSet, reference: Reference, counts: np.ndarra
 
 
 def _metrics_row(samples: SampleSet, reference: Reference, seed: int, clip_logw: float | None,
-                 bootstrap: int, on_replicate: Callable[[int], None] | None) -> tuple[dict[str, Any], np.ndarray]:
-    """The point estimate (with its SNIS-weighted twins and basin error bars) and its intervals; also the
-    clipped mask [N] for the plots."""
+                 bootstrap: int, on_replicate: Callable[[int], None] | None,
+                 bootstrap_skip: frozenset[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """The point estimate (with its SNIS-weighted twins and basin error bars) and its intervals (none for the
+    distances in ``bootstrap_skip``); also the clipped mask [N] for the plots."""
     ones = np.ones(samples.n, dtype=np.int64)
     point = protocol_metrics(samples, reference, ones, clip_logw, np.random.default_rng([seed, 8]))
     clipped = clip_counts(samples.log_w, ones, clip_logw) == 0
@@ -301,10 +309,11 @@ def _metrics_row(samples: SampleSet, reference: Reference, seed: int, clip_logw:
     row["e_w2_weighted"] = energy_w2(reference.energy, samples.energy[used], gen_weights=w[used])
     row["t_w2_weighted"] = torus_w2(reference.angles, samples.angles[used], b_weights=w[used])
     intervals, failed = ({}, 0) if not bootstrap else bootstrap_intervals(
-        samples.n, lambda counts, rng: protocol_metrics(samples, reference, counts, clip_logw, rng), bootstrap,
-        np.random.default_rng([seed, 16]), on_replicate=on_replicate)
+        samples.n, lambda counts, rng: protocol_metrics(samples, reference, counts, clip_logw, rng, bootstrap_skip),
+        bootstrap, np.random.default_rng([seed, 16]), on_replicate=on_replicate)
     row["ci95"] = {k: v for k, v in intervals.items() if not k.startswith("basin:")}
     row["bootstrap"] = {"replicates": bootstrap, "failed": failed, "seed": seed, "level": 0.95,
+                        "skipped": sorted(bootstrap_skip) if bootstrap else [],
                         "method": "percentile; each replicate redraws the samples and repeats clip, SNIS, "
                                   "resample, metrics"}
     lw_clipped = np.where(clipped, -np.inf, samples.log_w)
@@ -326,11 +335,13 @@ def _metrics_row(samples: SampleSet, reference: Reference, seed: int, clip_logw:
 
 def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference: Reference, seed: int = 0,
                  where: str = "sample folder", *, clip_logw: float | None = None, bootstrap: int = 0,
-                 on_replicate: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                 on_replicate: Callable[[int], None] | None = None,
+                 bootstrap_skip: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of one sample run against ``reference``: ``(row for the report, arrays for the plots)``.
 
     ``clip_logw``: drop the ceil(Q N) largest finite log-weights first (None: unclipped). ``bootstrap``:
-    replicates for the 95 % intervals (0: none), seeded by ``seed``; ``on_replicate(k)`` after each (progress). Energy metrics (E-W2, medians, means)
+    replicates for the 95 % intervals (0: none), seeded by ``seed``; ``on_replicate(k)`` after each (progress);
+    ``bootstrap_skip``: distances (of ``DISTANCES``) left without an interval. Energy metrics (E-W2, medians, means)
     use the samples' energies after the reference's storage rounding (``reference.quantum_nm``), like for like
     with the MD frames; the weights keep the exact energies (``e_w2_weighted_exact``: E-W2 without the rounding).
     """
@@ -356,7 +367,8 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
     log_w = np.asarray(data["log_w"], dtype=np.float64)
     energy = exact if reference.quantum_nm is None else energies_as_stored(x, system, reference.quantum_nm)
     samples = SampleSet(log_w=log_w, energy=energy, angles=angles)
-    metrics, clipped = _metrics_row(samples, reference, seed, clip_logw, bootstrap, on_replicate)
+    metrics, clipped = _metrics_row(samples, reference, seed, clip_logw, bootstrap, on_replicate,
+                                    checked_skip(bootstrap_skip))
     w = counts_weights(log_w, ~clipped)
     model, solver = _label(config)
     row: dict[str, Any] = {
@@ -385,6 +397,15 @@ def evaluate_run(config: dict[str, Any], data: dict[str, np.ndarray], reference:
     return row, arrays
 
 
+def checked_skip(names: Iterable[str], where: str = "bootstrap_skip") -> frozenset[str]:
+    """``names`` as a set; ValueError naming ``where`` for a name outside ``DISTANCES``."""
+    skip = frozenset(names)
+    unknown = sorted(skip - set(DISTANCES))
+    if unknown:
+        raise ValueError(f"{where}: unknown metric(s) {', '.join(unknown)}; choose from {', '.join(DISTANCES)}")
+    return skip
+
+
 def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     """SNIS mean of ``values`` [N] under ``weights`` [N] (>= 0), over the finite values with weight."""
     used = (weights > 0) & np.isfinite(values)
@@ -399,7 +420,8 @@ def _exact_energy_w2(reference: Reference, exact: np.ndarray, weights: np.ndarra
 
 
 def evaluate_floor(reference: Reference, split: str, n: int, seed: int = 0, *, clip_logw: float | None = None,
-                   bootstrap: int = 0, on_replicate: Callable[[int], None] | None = None) -> dict[str, Any]:
+                   bootstrap: int = 0, on_replicate: Callable[[int], None] | None = None,
+                   bootstrap_skip: Iterable[str] = ()) -> dict[str, Any]:
     """The MD floor: the same metrics for ``n`` evenly spaced frames of ``split`` (equal weights) against
     ``reference``. ValueError when a floor frame is byte-identical to a reference frame (sets not disjoint)."""
     if n < 1:
@@ -411,7 +433,8 @@ def evaluate_floor(reference: Reference, split: str, n: int, seed: int = 0, *, c
         raise ValueError(f"--floor-split {split}: {shared} of its {len(frames)} frames are also reference frames "
                          f"({reference.split} split); choose another split or --floor-split none")
     samples = SampleSet(log_w=np.zeros(len(frames)), energy=energy, angles=angles)
-    metrics, _ = _metrics_row(samples, reference, seed, clip_logw, bootstrap, on_replicate)
+    metrics, _ = _metrics_row(samples, reference, seed, clip_logw, bootstrap, on_replicate,
+                              checked_skip(bootstrap_skip))
     return {"model": "MD floor", "solver": f"{len(frames)} evenly spaced {split} frames (equal weights)",
             "label": f"MD {split}", "n": int(len(frames)), "split": split, "n_nonfinite": 0, "n_mirrored": 0,
             "disjoint_from_reference": True, **metrics, "few_samples": False}

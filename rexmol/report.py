@@ -163,6 +163,8 @@ def markdown_table(runs: list[dict], published: dict | None = None, floor: dict 
                  "replicate holds about 63 % distinct samples, which raises them, so their intervals can sit above "
                  "the point estimate (the MD floor row shows by how much at this N): read them as the spread, not as "
                  "centred error bars.")
+        if boot.get("skipped"):
+            note += f" No interval for {', '.join(boot['skipped'])} (left out of the bootstrap: --bootstrap-skip)."
     quantum = next((r["energy_quantum_nm"] for r in runs if r.get("energy_quantum_nm")), None)
     if quantum is not None:
         note += (f" Energies compared (E-W2 columns) are the samples' after rounding to {quantum:g} nm as the MD "

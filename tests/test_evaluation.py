@@ -190,6 +190,11 @@ def test_solver_entries_set_steps_and_logq_per_row_from_the_same_draws(dataset, 
         assert "SOLVER[@STEPS][/GRID][:LOGQ]" in capsys.readouterr().err
     assert main([*argv[:4], "euler,euler", *argv[5:]]) == 2
     assert "repeats" in capsys.readouterr().err
+    bad_out = tmp_path / "bad_skip"
+    assert main([*argv[:-8], "--out", str(bad_out), "--bootstrap-skip", "t_w2,T_W2"]) == 2
+    err = capsys.readouterr().err
+    assert "--bootstrap-skip: unknown metric(s) T_W2; choose from e_w2" in err and err.count("\n") == 1
+    assert not bad_out.exists()  # checked before anything is sampled
 
 
 def test_demo_runs_end_to_end_on_small_inputs(dataset, tmp_path, capsys):
@@ -269,6 +274,27 @@ def test_bootstrap_intervals_of_every_metric_and_basin(dataset, reference):
     again, _ = evaluate_run(config, data, reference, seed=3, bootstrap=20)
     assert again["ci95"] == row["ci95"]  # seeded
     assert row["n_distinct_resampled"] >= 1 and row["bootstrap"]["replicates"] == 20
+
+
+def test_bootstrap_skip_leaves_out_only_the_named_intervals(dataset, reference):
+    from rexmol.evaluation import evaluate_floor, evaluate_run
+    from rexmol.mddata import load_frames
+    from rexmol.report import markdown_table
+
+    config, data = _records_from_frames(load_frames(dataset, "test").astype(np.float64), reference.system)
+    full, _ = evaluate_run(config, data, reference, seed=3, bootstrap=6)
+    skip, _ = evaluate_run(config, data, reference, seed=3, bootstrap=6, bootstrap_skip=["t_w2_proposal"])
+    assert full["ci95"]["t_w2_proposal"] is not None and skip["ci95"]["t_w2_proposal"] is None
+    assert skip["t_w2_proposal"] == full["t_w2_proposal"]  # the point estimate stays
+    rest = {k: v for k, v in full["ci95"].items() if k != "t_w2_proposal"}
+    assert {k: v for k, v in skip["ci95"].items() if k != "t_w2_proposal"} == rest  # same draws for the others
+    assert skip["bootstrap"]["skipped"] == ["t_w2_proposal"] and full["bootstrap"]["skipped"] == []
+    assert "No interval for t_w2_proposal" in markdown_table([skip])
+    assert "No interval for" not in markdown_table([full])
+    floor = evaluate_floor(reference, "train", 9, bootstrap=3, bootstrap_skip=("t_w2", "e_w2"))
+    assert floor["ci95"]["t_w2"] is None and floor["ci95"]["e_w2"] is None and floor["ci95"]["ess"] is not None
+    with pytest.raises(ValueError, match="bootstrap_skip: unknown metric.*ess.*choose from e_w2, t_w2"):
+        evaluate_run(config, data, reference, bootstrap=2, bootstrap_skip=["ess"])
 
 
 def test_as_stored_is_exactly_what_an_xtc_file_returns(tmp_path):

@@ -113,7 +113,7 @@ def test_fast_blocks_reproduce_dit_blocks(system, zmatrix, md_frames, kind, monk
     assert relative(v, v_ref) <= 1e-12 and relative(div, div_ref) <= 1e-12
 
 
-SHIPPED_IC = [DATA / folder / "generator.pt" for folder in ("model_ic", "model_ic_sym")]
+SHIPPED_IC = [DATA / folder / "generator.pt" for folder in ("model_ic", "model_ic_sym", "model_ic_sym_depth3")]
 
 
 @pytest.mark.parametrize("path", SHIPPED_IC, ids=lambda p: p.parent.name)

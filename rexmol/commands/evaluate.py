@@ -48,6 +48,10 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=100, metavar="B",
                         help="bootstrap replicates for the 95%% intervals (seeded by --seed; 0: none); each "
                              "repeats clip, SNIS, resampling and metrics (default: 100)")
+    parser.add_argument("--bootstrap-skip", default="", metavar="METRICS",
+                        help="comma-separated distances left without a bootstrap interval (of e_w2, t_w2, "
+                             "e_w2_proposal, t_w2_proposal; their point estimates stay), e.g. t_w2_proposal: "
+                             "one exact 10^4-point transport fewer per replicate (default: none)")
     parser.add_argument("--clip-logw", type=float, default=None, metavar="Q",
                         help="drop the ceil(Q N) largest finite log-weights before SNIS, as the published "
                              "evaluation does (Q = 0.002); default: off (unclipped SNIS, unbiased)")
@@ -109,16 +113,24 @@ def sample_solvers(args: argparse.Namespace) -> list[Path]:
 
 def check_evaluation_options(args: argparse.Namespace) -> None:
     """ValueError naming the option for bad evaluation options (before anything is sampled or written)."""
+    from rexmol.evaluation import checked_skip
+
     if args.max_reference is not None and args.max_reference < 1:
         raise ValueError("--max-reference must be >= 1")
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0 replicates, got {args.bootstrap}")
+    checked_skip(bootstrap_skip(args), "--bootstrap-skip")
     if args.clip_logw is not None:
         if not 0.0 < args.clip_logw < 1.0:
             raise ValueError(f"--clip-logw must be in (0, 1) (e.g. 0.002, the published filter), got {args.clip_logw}")
     if args.floor_split != "none" and args.floor_split == args.split:
         raise ValueError(f"--floor-split {args.floor_split} is the reference split itself; choose another split "
                          "or --floor-split none")
+
+
+def bootstrap_skip(args: argparse.Namespace) -> tuple[str, ...]:
+    """The metric names of ``--bootstrap-skip`` (comma-separated; empty: none)."""
+    return tuple(m.strip() for m in args.bootstrap_skip.split(",") if m.strip())
 
 
 class _Progress:
@@ -134,30 +146,33 @@ class _Progress:
 
 
 def _evaluate_folder(d: Path, config: dict, data: dict, reference, seed: int, clip_logw: float | None,
-                     bootstrap: int, quiet: bool):
+                     bootstrap: int, skip: tuple[str, ...], quiet: bool):
     """(row, arrays) of one finished sample folder, loaded as ``config`` and ``data`` (a process-pool task)."""
     from rexmol.evaluation import evaluate_run
 
     row, arr = evaluate_run(config, data, reference, seed=seed, where=str(d), clip_logw=clip_logw,
-                            bootstrap=bootstrap, on_replicate=_Progress(d.name, bootstrap, quiet))
+                            bootstrap=bootstrap, on_replicate=_Progress(d.name, bootstrap, quiet),
+                            bootstrap_skip=skip)
     return {**row, "folder": str(d)}, arr
 
 
 def _evaluate_floor(reference, split: str, n: int, seed: int, clip_logw: float | None, bootstrap: int,
-                    quiet: bool):
+                    skip: tuple[str, ...], quiet: bool):
     """The MD floor row (a process-pool task)."""
     from rexmol.evaluation import evaluate_floor
 
     return evaluate_floor(reference, split, n, seed=seed, clip_logw=clip_logw, bootstrap=bootstrap,
-                          on_replicate=_Progress(f"MD floor ({split})", bootstrap, quiet))
+                          on_replicate=_Progress(f"MD floor ({split})", bootstrap, quiet), bootstrap_skip=skip)
 
 
 def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split: str = "test",
                      max_reference: int | None = 10_000, published: Path | None = None, seed: int = 0,
-                     extra: dict | None = None, bootstrap: int = 0, clip_logw: float | None = None,
-                     floor_split: str | None = None, processes: int = 1, quiet: bool = True) -> str:
+                     extra: dict | None = None, bootstrap: int = 0, bootstrap_skip: tuple[str, ...] = (),
+                     clip_logw: float | None = None, floor_split: str | None = None, processes: int = 1,
+                     quiet: bool = True) -> str:
     """Evaluate sample folders against one reference and write the report into ``out``; returns the Markdown.
 
+    ``bootstrap_skip``: distances left without an interval (``rexmol.evaluation.DISTANCES``).
     ``floor_split``: also the MD floor row from that split at the largest run's N (None: no floor row).
     ``processes``: evaluate the folders and the floor row in that many worker processes (each row is seeded by
     ``seed`` alone, so the report does not depend on it). ``quiet=False``: a line per bootstrap replicate.
@@ -180,10 +195,10 @@ def evaluate_folders(dirs: list[Path], reference_dir: Path, out: Path, *, split:
     n_floor = max(int(config["n"]) for _, config, _ in runs)
     with ProcessPoolExecutor(min(processes, len(dirs) + 1), mp_context=get_context("spawn")) if processes > 1 \
             else _Inline() as pool:
-        tasks = [pool.submit(_evaluate_folder, d, config, data, reference, seed, clip_logw, bootstrap, quiet)
-                 for d, config, data in runs]
+        tasks = [pool.submit(_evaluate_folder, d, config, data, reference, seed, clip_logw, bootstrap,
+                             bootstrap_skip, quiet) for d, config, data in runs]
         floor = None if floor_split is None else pool.submit(
-            _evaluate_floor, reference, floor_split, n_floor, seed, clip_logw, bootstrap, quiet)
+            _evaluate_floor, reference, floor_split, n_floor, seed, clip_logw, bootstrap, bootstrap_skip, quiet)
         rows, arrays = map(list, zip(*(f.result() for f in tasks)))
         floor = None if floor is None else floor.result()
     if published is None:
@@ -233,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out if args.out is not None else args.dir / "report"
     text = evaluate_folders(dirs, args.reference, out, split=args.split, max_reference=args.max_reference,
                             published=args.published, seed=args.seed, bootstrap=args.bootstrap,
+                            bootstrap_skip=bootstrap_skip(args),
                             clip_logw=args.clip_logw,
                             floor_split=None if args.floor_split == "none" else args.floor_split,
                             processes=args.processes, quiet=args.quiet,
