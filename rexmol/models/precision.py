@@ -42,10 +42,12 @@ class CastModel(nn.Module):
 
     def _padded(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(x, t) cast to ``dtype`` with at least ``min_batch`` rows."""
-        pad = self.min_batch - x.shape[0]
-        if pad > 0 and x.shape[0] > 0:
+        n = x.shape[0]
+        pad = self.min_batch - n
+        if pad > 0 and n > 0:
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-            t = torch.cat([t, t[-1:].expand(pad)]) if t.dim() else t
+            if t.dim() and t.shape[0] == n:  # per-row times (a scalar or broadcast t stays as it is)
+                t = torch.cat([t, t[-1:].expand(pad)])
         return x.to(self.dtype), t.to(self.dtype)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
