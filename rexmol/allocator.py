@@ -17,11 +17,10 @@ import ctypes
 import ctypes.util
 import os
 
-# mallopt parameters (malloc.h) and the values: mmap threshold at glibc's maximum on 64-bit systems.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
-ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-               "MALLOC_TOP_PAD_": str(64 << 20)}
+# name: (mallopt parameter of malloc.h, value in bytes); the mmap threshold at glibc's maximum on 64-bit systems.
+TUNING = {"MMAP_THRESHOLD": (-3, 32 << 20), "TRIM_THRESHOLD": (-1, 1 << 30), "TOP_PAD": (-2, 64 << 20)}
+SETTINGS = dict(TUNING.values())
+ENVIRONMENT = {f"MALLOC_{name}_": str(value) for name, (_, value) in TUNING.items()}
 
 
 def tune_allocator() -> bool:

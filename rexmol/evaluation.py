@@ -275,16 +275,18 @@ def protocol_metrics(samples: SampleSet, reference: Reference, counts: np.ndarra
     c = np.asarray(counts, dtype=np.float64)
     prop_e = (c > 0) & np.isfinite(energy)
     prop_a = (c > 0) & np.isfinite(angles).all(axis=1)
+    nan = math.nan
     distances = {
         "e_w2": lambda: energy_w2(reference.energy, energy[used], gen_weights=drawn[used]),
         "t_w2": lambda: torus_w2(reference.angles, angles[used], b_weights=drawn[used]),
-        "e_w2_proposal": lambda: energy_w2(reference.energy, energy[prop_e], gen_weights=c[prop_e]),
-        "t_w2_proposal": lambda: torus_w2(reference.angles, angles[prop_a], b_weights=c[prop_a]),
+        "e_w2_proposal": lambda: energy_w2(reference.energy, energy[prop_e], gen_weights=c[prop_e])
+        if prop_e.any() else nan,
+        "t_w2_proposal": lambda: torus_w2(reference.angles, angles[prop_a], b_weights=c[prop_a])
+        if prop_a.any() else nan,
     }
-    present = {"e_w2": True, "t_w2": True, "e_w2_proposal": prop_e.any(), "t_w2_proposal": prop_a.any()}
     out = {"ess": counts_ess(lw, kept), "n_clipped": int(counts.sum() - kept.sum()),
            "n_distinct_resampled": int(used.sum())}
-    out.update({k: fn() if present[k] and k not in skip else math.nan for k, fn in distances.items()})
+    out.update({k: nan if k in skip else fn() for k, fn in distances.items()})
     for key, a, b in _residue_columns(reference.system):
         for kind, weights in (("proposal", c * prop_a), ("reweighted", w)):
             pops = _basin_fractions(angles, weights, a, b) if weights.sum() > 0 else np.full(len(BASINS), math.nan)
