@@ -43,7 +43,8 @@ DEMO = {**COMMON, "n": 256, "solvers": "rex-dopri5,dopri5,rex-rk4@16", "bootstra
 # same ESS as 1e-4 for half the CPU, evaluation/results/issue14_logq_tolerance/), certificates for the Rex samples
 # only (a baseline's round trip measures its truncation error, not its density; the demo shows it at N = 256), and
 # 10 bootstrap replicates of Table 6's metrics: the proposal's T-W2 (a diagnostic beside them) keeps its point
-# estimate but no interval, which saves one exact 10^4-point transport per replicate (~15 of ~25 CPU-s).
+# estimate but no interval, which saves its exact 10^4-point transport per replicate (a replicate took ~10 instead
+# of ~30 s, evaluation/results/full_protocol_depth3/).
 FULL = {**COMMON, "n": 10_000, "solvers": "torchdiffeq-dopri5,dopri5,rex-dopri5", "rtol": 1e-4, "bootstrap": 10,
         "bootstrap_skip": "t_w2_proposal", "roundtrip": "reversible"}
 
